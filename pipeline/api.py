@@ -1,0 +1,34 @@
+"""The Python API: the same config keys as the CLI, for notebooks and scripts.
+
+    from pipeline import mine
+    dataset = mine(beir="examples/cranfield", out="out/cranfield", positives="best", num_negatives=5)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import MineConfig, build_config
+from pipeline.runner import Pipeline, RunResult
+
+
+def run_mine(config: MineConfig, *, progress: bool = True) -> RunResult:
+    return Pipeline(config, progress=progress).run()
+
+
+def mine(config: MineConfig | str | Path | None = None, *, progress: bool = False, **keys: Any):
+    """Mine hard negatives and return the output as a `datasets.Dataset`.
+
+    `config` may be a MineConfig or a YAML file; keyword arguments are config keys and win."""
+    import datasets
+
+    if isinstance(config, MineConfig):
+        cfg = config.model_copy(update=keys)
+        cfg = MineConfig(**cfg.model_dump())
+    else:
+        cfg = build_config(Path(config) if config is not None else None, keys)
+    result = run_mine(cfg, progress=progress)
+    if cfg.layout == "hub":
+        return datasets.load_dataset(str(result.out), split="train")
+    return datasets.load_from_disk(str(result.out))

@@ -1,0 +1,183 @@
+"""The mining configuration: one pydantic model, the same keys in YAML, on the command line
+(`--set key=value`) and in the Python API. Key names follow sentence-transformers'
+`mine_hard_negatives` wherever it has one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.ann_index import IndexConfig
+from stages.bm25_miner import BM25Config
+from stages.models import DEFAULT_MODEL
+
+Format = Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"]
+Score = Literal["dense", "bm25", "cross_encoder"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line with exit code 2."""
+
+
+class MineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- inputs ---
+    beir: Path | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    pairs: Path | None = Field(None, description="pair file: JSONL, Parquet or a datasets save_to_disk folder")
+    corpus: Path | None = Field(None, description="corpus for --pairs (JSONL/Parquet with id and text); default: the positives")
+    split: str = Field("test", description="qrels split of a BEIR folder")
+    positives: Literal["all", "best"] = Field("all", description="one pair per judged positive, or per query its best-graded one")
+    hide_extra_positives: bool = Field(False, description="with positives=best: leave the other judged positives in the candidate pool (to measure false negatives)")
+    query_column: str | None = Field(None, description="pair file: query text column (default: first column)")
+    positive_column: str | None = Field(None, description="pair file: positive text column (default: second column)")
+    query_id_column: str | None = Field(None, description="pair file: query id column (default: content hash of the text)")
+    positive_id_column: str | None = Field(None, description="pair file: positive id column (default: content hash of the text)")
+    corpus_id_column: str = Field("_id", description="corpus file id column")
+    corpus_text_column: str = Field("text", description="corpus file text column")
+    corpus_embeddings: Path | None = Field(None, description="precomputed corpus vectors (Parquet with id+embedding, or .npy with ids beside)")
+
+    # --- output ---
+    out: Path | None = Field(None, description="output folder (a datasets save_to_disk folder)")
+    work_dir: Path | None = Field(None, description="cache of stage outputs (default: .hardneg-work beside the output)")
+    format: Format = Field("n-tuple", description="output format, as sentence-transformers names them")
+    layout: Literal["disk", "hub"] = Field("disk", description="disk: datasets save_to_disk; hub: data/*.parquet + dataset card")
+    metadata_columns: bool = Field(True, description="keep ids, scores, ranks and sources beside the texts")
+
+    # --- embedding ---
+    model: str = Field(DEFAULT_MODEL, description="bi-encoder: local path or hub id")
+    query_prompt: str | None = Field(None, description="prefix added to queries before embedding")
+    corpus_prompt: str | None = Field(None, description="prefix added to documents before embedding")
+    max_seq_length: int | None = Field(None, gt=0, description="truncate texts to this many tokens (default: the model's)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp16 on GPU, bf16 on CPUs with native bf16, else fp32")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    embed_batch_size: int = Field(32, gt=0, description="texts per forward pass")
+    trust_remote_code: bool = Field(False, description="let models run their own code (off: safe by default)")
+
+    # --- candidates ---
+    miners: list[Literal["dense", "bm25"]] = Field(["dense"], min_length=1, description="candidate sources, any subset of dense,bm25")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="FAISS index (index.index, index.nprobe, ...)")
+    bm25: BM25Config = Field(default_factory=BM25Config, description="BM25 (bm25.engine, bm25.k1, bm25.b, ...)")
+    rrf_k: int = Field(60, gt=0, description="reciprocal rank fusion constant")
+    quotas: dict[str, int] | None = Field(None, description="per-source quotas of sampled negatives, e.g. {dense: 3, bm25: 2}")
+    cross_encoder: str | None = Field(None, description="cross-encoder to rescore surviving candidates: local path or hub id")
+    ce_batch_size: int = Field(32, gt=0, description="cross-encoder pairs per forward pass")
+    ce_max_length: int | None = Field(None, gt=0, description="cross-encoder max tokens per pair")
+
+    # --- filters (sentence-transformers meanings) ---
+    range_min: int = Field(0, ge=0, description="skip the top range_min candidates of each query")
+    range_max: int = Field(100, gt=0, description="consider only the top range_max candidates of each source")
+    max_score: float | None = Field(None, description="drop candidates scoring above this")
+    min_score: float | None = Field(None, description="drop candidates scoring below this")
+    absolute_margin: float | None = Field(None, description="drop candidates with score > positive_score - absolute_margin")
+    relative_margin: float | None = Field(None, description="drop candidates with score > positive_score - relative_margin * |positive_score|")
+    score: Score = Field("dense", description="which score the filters above use")
+
+    # --- sampling ---
+    num_negatives: int = Field(5, gt=0, description="negatives per pair")
+    sampling_strategy: Literal["top", "random"] = Field("top", description="top: hardest survivors; random: seeded sample of survivors")
+    seed: int = Field(12, description="seed for every random choice")
+
+    # --- execution ---
+    runner: Literal["ray", "local"] = Field("ray", description="ray (local Ray or --ray-address) or local (in-process)")
+    ray_address: str | None = Field(None, description="join an existing Ray cluster (ray://host:10001 or auto)")
+    workers: int | None = Field(None, gt=0, description="max model workers (actors) per stage")
+    threads: int | None = Field(None, gt=0, description="CPU threads per model worker (default: min(4, cores))")
+
+    @field_validator("miners", mode="before")
+    @classmethod
+    def _split_miners(cls, value):
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "MineConfig":
+        if self.score == "cross_encoder" and not self.cross_encoder:
+            raise ValueError("score=cross_encoder needs a cross_encoder")
+        if self.score == "bm25" and "bm25" not in self.miners:
+            raise ValueError("score=bm25 needs bm25 in miners")
+        if self.range_min >= self.range_max:
+            raise ValueError("range_min must be below range_max")
+        return self
+
+    def check_inputs(self) -> None:
+        """Input-level checks the model validators cannot do (files exist, one source given)."""
+        if (self.beir is None) == (self.pairs is None):
+            raise ConfigError("give exactly one input: --beir DIR or --pairs FILE")
+        if self.beir is not None:
+            for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{self.split}.tsv"):
+                if not (self.beir / name).is_file():
+                    raise ConfigError(f"BEIR folder {self.beir}: missing {name}")
+        if self.pairs is not None and not self.pairs.exists():
+            raise ConfigError(f"pair file not found: {self.pairs}")
+        if self.corpus is not None and not self.corpus.exists():
+            raise ConfigError(f"corpus file not found: {self.corpus}")
+        if self.corpus_embeddings is not None and not self.corpus_embeddings.exists():
+            raise ConfigError(f"corpus embeddings not found: {self.corpus_embeddings}")
+        if self.out is None:
+            raise ConfigError("give an output folder: --out DIR")
+
+
+def describe_keys() -> str:
+    """Every config key with its type and default, for `hardneg mine --help`."""
+    lines = []
+    for name, field in MineConfig.model_fields.items():
+        default = field.default if field.default_factory is None else "(see below)"
+        lines.append(f"{name} = {default!r}: {field.description or ''}")
+    for prefix, model in (("index", IndexConfig), ("bm25", BM25Config)):
+        for name, field in model.model_fields.items():
+            lines.append(f"{prefix}.{name} = {field.default!r}")
+    return "\n".join(lines)
+
+
+def parse_assignment(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(
+    yaml_file: Path | None = None, overrides: dict | None = None, assignments: list[str] = ()
+) -> MineConfig:
+    """Merge (in rising priority) the YAML file, explicit options and --set assignments."""
+    data: dict = {}
+    if yaml_file is not None:
+        if not yaml_file.is_file():
+            raise ConfigError(f"config file not found: {yaml_file}")
+        try:
+            loaded = yaml.safe_load(yaml_file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {yaml_file}: invalid YAML ({err.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_file}: expected a mapping of keys")
+        data.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    for text in assignments:
+        path, value = parse_assignment(text)
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {text}: {part} is not a section")
+        target[path[-1]] = value
+    try:
+        return MineConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown config key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config error: {where}: {message}{more}"

@@ -1,0 +1,30 @@
+"""Which exceptions are the user's to fix (one line, exit 2) and how to say them."""
+
+from __future__ import annotations
+
+import errno
+
+from pipeline.config import ConfigError
+from pipeline.store import LockedError
+from stages.models import ModelLoadError
+
+
+def user_error_message(err: BaseException) -> str | None:
+    # typer vendors its own click: recognise its usage errors by shape, not by class.
+    if type(err).__name__ == "Abort":
+        return "aborted"
+    if hasattr(err, "format_message") and hasattr(err, "exit_code"):
+        return err.format_message()
+    if isinstance(err, (ConfigError, ModelLoadError, LockedError)):
+        return str(err)
+    if isinstance(err, OSError):
+        if err.errno == errno.ENOSPC:
+            return f"no space left on device ({err.filename or 'while writing'})"
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write {err.filename or 'the output'}: permission denied"
+        if isinstance(err, FileNotFoundError):
+            return f"file not found: {err.filename}"
+    cause = err.__cause__ or err.__context__
+    if cause is not None and cause is not err:
+        return user_error_message(cause)
+    return None

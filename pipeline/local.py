@@ -1,0 +1,30 @@
+"""In-process execution of a map stage: stream Parquet batches through it, write shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.base import MapStage
+from stages.io import ShardWriter, count_rows, iter_batches
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, progress: bool = True) -> None:
+        self.progress = progress
+
+    def run_map(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
+        total = count_rows(input_dir)
+        with ShardWriter(out_dir) as writer, tqdm(
+            total=total, desc=stage.name, unit="row", disable=not self.progress, leave=False, dynamic_ncols=True
+        ) as bar:
+            for batch in iter_batches(input_dir, stage.resources.batch_size):
+                writer.write(stage(batch))
+                bar.update(batch.num_rows)
+        return writer.rows
+
+    def close(self) -> None:
+        pass

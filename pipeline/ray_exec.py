@@ -1,0 +1,97 @@
+"""Ray Data execution of a map stage. The only module that imports ray.
+
+read_parquet -> map_batches (an actor pool for model stages, so each worker loads its model
+once; tasks otherwise) -> write_parquet. Ray retries failed tasks and restarts dead actors;
+stages are pure functions of their input batches, so a retry is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from stages.base import MapStage
+from stages.io import count_rows, parquet_files
+
+log = logging.getLogger("hardneg")
+
+
+class _StageActor:
+    def __init__(self, stage: MapStage) -> None:
+        self.stage = stage
+        self.stage.ensure_setup()
+
+    def __call__(self, batch):
+        return self.stage.transform(batch)
+
+
+def _run_task(batch, stage: MapStage):
+    return stage(batch)
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, progress: bool = True) -> None:
+        self.address = address
+        self.progress = progress
+        self._started = False
+
+    def _ensure_ray(self):
+        import ray
+
+        if not ray.is_initialized():
+            env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "HARDNEG_", "TRANSFORMERS_", "OMP_"))}
+            kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                          logging_level=logging.ERROR, runtime_env={"env_vars": env} if env else None)
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(**kwargs)
+            self._started = True
+            log.info("ray: %s", "joined " + self.address if self.address else "started a local Ray")
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_progress_bars = self.progress
+        if not self.progress:
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            logging.getLogger("ray").setLevel(logging.ERROR)
+        context.print_on_execution_start = False
+        return ray
+
+    def run_map(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
+        ray = self._ensure_ray()
+        files = [str(f) for f in parquet_files(input_dir)]
+        dataset = ray.data.read_parquet(files)
+        res = stage.resources
+        if stage.stateful:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            # A worker runs `res.num_cpus` torch threads but reserves one logical CPU, so the
+            # read and write tasks feeding it can always be scheduled beside it (reserving every
+            # CPU for actors deadlocks a small machine).
+            workers = res.max_workers or max(1, int(cpus // max(res.num_cpus, 1)))
+            dataset = dataset.map_batches(
+                _StageActor,
+                fn_constructor_kwargs={"stage": stage},
+                batch_size=res.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+                num_cpus=1,
+                num_gpus=res.num_gpus or None,
+            )
+        else:
+            dataset = dataset.map_batches(
+                _run_task, fn_kwargs={"stage": stage}, batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus,
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dataset.write_parquet(str(out_dir))
+        return count_rows(out_dir)
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False

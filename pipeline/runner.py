@@ -1,0 +1,216 @@
+"""The stage runner: plan the stages a config needs, skip the ones whose fingerprint is already
+in the work dir, run the rest (in-process or on Ray) and write the output atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, MineConfig
+from pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerprint, write_json_atomic
+from stages.base import GlobalStage, MapStage, StageResult
+from stages.candidates import CandidatesStage
+from stages.embed import EmbedStage, default_threads
+from stages.filters import FilterStage, specs_from_config
+from stages.index import IndexStage
+from stages.ingest import IngestStage
+from stages.models import check_model, pick_device, pick_precision
+from stages.sample import SampleStage
+from stages.write import WriteStage
+
+log = logging.getLogger("hardneg")
+
+
+@dataclass
+class RunResult:
+    out: Path
+    work_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reused(self) -> list[str]:
+        return [s.name for s in self.stages if s.reused]
+
+    @property
+    def computed(self) -> list[str]:
+        return [s.name for s in self.stages if not s.reused]
+
+
+def default_work_dir(out: Path) -> Path:
+    return Path(out).resolve().parent / ".hardneg-work"
+
+
+class Pipeline:
+    def __init__(self, config: MineConfig, *, progress: bool = True) -> None:
+        config.check_inputs()
+        self.config = config
+        self.out = Path(config.out)
+        self.work = WorkDir(Path(config.work_dir) if config.work_dir else default_work_dir(self.out))
+        self.progress = progress
+        self.device = pick_device(config.device)
+        self.precision = pick_precision(config.precision, self.device)
+        self.threads = config.threads or default_threads()
+        if config.runner == "ray":
+            from pipeline.ray_exec import RayExecutor
+
+            self.executor = RayExecutor(config.ray_address, progress)
+        else:
+            from pipeline.local import LocalExecutor
+
+            self.executor = LocalExecutor(progress)
+        self.results: list[StageResult] = []
+
+    # ------------------------------------------------------------------ running stages
+    def _run(self, stage, upstream: list[StageResult | str], inputs: dict[str, Path], *, map_input: Path | None = None, in_process: bool = False) -> StageResult:
+        upstream = [u if isinstance(u, str) else u.fingerprint for u in upstream]
+        fp = fingerprint(stage.name, stage.version, stage.fingerprint_config(), upstream)
+        if self.work.is_done(stage.name, fp):
+            result = StageResult(stage.name, self.work.path(stage.name, fp), fp, reused=True,
+                                 info=self.work.manifest(stage.name, fp).get("info", {}))
+            log.info("%-16s reused  (%s)", stage.name, fp[:12])
+        else:
+            started = time.monotonic()
+            tmp = self.work.new_temp(stage.name)
+            try:
+                if isinstance(stage, MapStage):
+                    executor = self.executor
+                    if in_process and self.executor.name != "local":
+                        from pipeline.local import LocalExecutor
+
+                        executor = LocalExecutor(self.progress)
+                    rows = executor.run_map(stage, map_input, tmp)
+                    info = {"rows": rows}
+                else:
+                    info = stage.run(inputs, tmp) or {}
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            seconds = time.monotonic() - started
+            path = self.work.commit(tmp, stage.name, fp, {
+                "config": stage.fingerprint_config(), "upstream": upstream,
+                "code_version": CODE_VERSION, "seconds": seconds, "info": info,
+            })
+            result = StageResult(stage.name, path, fp, reused=False, seconds=seconds, info=info)
+            log.info("%-16s done    (%s) in %.1fs", stage.name, fp[:12], seconds)
+        self.results.append(result)
+        return result
+
+    # ------------------------------------------------------------------ the plan
+    def run(self) -> RunResult:
+        c = self.config
+        with self.work.lock(), FileLock(self.out.parent / f".{self.out.name}.lock", f"output {self.out}"):
+            self.work.clean_temps()
+            check_model(c.model, "embedding")
+            if c.cross_encoder:
+                check_model(c.cross_encoder, "cross-encoder")
+            try:
+                return self._run_all()
+            finally:
+                self.executor.close()
+
+    def _embed(self, label: str, prompt: str | None, id_column: str, keep: bool) -> EmbedStage:
+        c = self.config
+        return EmbedStage(
+            model=c.model, id_column=id_column, text_column="text", prompt=prompt, max_seq_length=c.max_seq_length,
+            precision=self.precision, device=self.device, micro_batch_size=c.embed_batch_size, threads=self.threads,
+            keep_columns=keep, trust_remote_code=c.trust_remote_code, max_workers=c.workers, label=label,
+        )
+
+    def _run_all(self) -> RunResult:
+        c = self.config
+        ingest_stage = IngestStage(c)
+        ingest = self._run(ingest_stage, [], {})
+        corpus_fp = ingest_stage.corpus_fingerprint()
+        ingest_dir = ingest.path
+        if ingest.info.get("pairs", 0) == 0:
+            raise ConfigError("no usable pairs in the input (see the rejects reasons: "
+                              + ", ".join(f"{k}={v}" for k, v in ingest.info.get("rejects", {}).items()) + ")")
+        if ingest.info.get("corpus_rows", 0) == 0:
+            raise ConfigError("the corpus is empty: no document survived ingest")
+
+        queries = self._run(self._embed("embed_queries", c.query_prompt, "query_id", keep=True), [ingest], {},
+                            map_input=ingest_dir / "queries")
+        if c.corpus_embeddings is not None:
+            from stages.precomputed import PrecomputedEmbeddings
+
+            corpus = self._run(PrecomputedEmbeddings(Path(c.corpus_embeddings)), [], {})
+        else:
+            corpus = self._run(self._embed("embed_corpus", c.corpus_prompt, "doc_id", keep=False), [corpus_fp], {},
+                               map_input=ingest_dir / "corpus")
+        index = self._run(IndexStage(c.index), [corpus_fp, corpus],
+                          {"corpus": ingest_dir / "corpus", "embeddings": corpus.path})
+        bm25 = None
+        upstream = [queries, index]
+        if "bm25" in c.miners:
+            from stages.bm25_miner import BM25IndexStage
+
+            bm25 = self._run(BM25IndexStage(c.bm25), [corpus_fp], {"corpus": ingest_dir / "corpus"})
+            upstream.append(bm25)
+        candidates = self._run(
+            CandidatesStage(miners=c.miners, range_max=c.range_max, rrf_k=c.rrf_k, index_dir=index.path,
+                            index_config=c.index, bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25,
+                            threads=self.threads, max_workers=c.workers),
+            upstream, {}, map_input=queries.path,
+        )
+        specs = specs_from_config(c)
+        scored = candidates
+        if c.cross_encoder:
+            from stages.rerank import RerankStage
+
+            scored = self._run(
+                RerankStage(model=c.cross_encoder, specs=specs, batch_size=c.ce_batch_size, max_length=c.ce_max_length,
+                            device=self.device, threads=self.threads, trust_remote_code=c.trust_remote_code,
+                            max_workers=c.workers, corpus_dir=ingest_dir / "corpus"),
+                [candidates], {}, map_input=candidates.path,
+            )
+        # Filtering and sampling are cheap per query: they run in-process, so re-tuning a
+        # threshold never starts Ray or a model worker.
+        filtered = self._run(FilterStage(specs), [scored], {}, map_input=scored.path, in_process=True)
+        sampled = self._run(
+            SampleStage(num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score),
+            [filtered], {}, map_input=filtered.path, in_process=True,
+        )
+        write = WriteStage(format=c.format, num_negatives=c.num_negatives, metadata_columns=c.metadata_columns, layout=c.layout)
+        stats = self._write_output(write, [ingest, filtered, sampled], {
+            "mined": sampled.path, "filtered": filtered.path, "corpus": ingest_dir / "corpus",
+            "rejects": ingest_dir / "rejects", "pairs": ingest_dir / "pairs",
+        })
+        return RunResult(self.out, self.work.root, self.results, stats)
+
+    def _write_output(self, stage: WriteStage, upstream: list[StageResult], inputs: dict[str, Path]) -> dict[str, Any]:
+        """The output folder is not in the work dir but follows the same rules: rebuilt only when
+        its fingerprint changed, and replaced atomically."""
+        fp = fingerprint(stage.name, stage.version, stage.fingerprint_config(), [u.fingerprint for u in upstream])
+        manifest = self.out / "hardneg.json"
+        if manifest.is_file():
+            import json
+
+            old = json.loads(manifest.read_text())
+            if old.get("fingerprint") == fp:
+                log.info("%-16s reused  (%s)", stage.name, fp[:12])
+                self.results.append(StageResult(stage.name, self.out, fp, reused=True))
+                return old.get("stats", {})
+        started = time.monotonic()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.parent / f".tmp-{self.out.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            stats = stage.run(inputs, tmp)
+            stats["stages"] = {r.name: {"reused": r.reused, "seconds": round(r.seconds, 3)} for r in self.results}
+            stats["config"] = self.config.model_dump(mode="json")
+            write_json_atomic(tmp / "stats.json", stats)
+            commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION}, name=manifest.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.monotonic() - started
+        self.results.append(StageResult(stage.name, self.out, fp, reused=False, seconds=seconds))
+        log.info("%-16s done    (%s) in %.1fs", stage.name, fp[:12], seconds)
+        return stats

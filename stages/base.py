@@ -1,0 +1,91 @@
+"""The two kinds of stage hardneg runs, independent of where they run.
+
+A *map stage* transforms Arrow tables batch by batch; it loads its model (if any) lazily in
+`setup()`, once per worker, never on the driver, and declares the resources one worker needs.
+A *global stage* consumes whole inputs at once (an index build) and writes its own files.
+The runners in `pipeline/` execute both kinds, in-process or on Ray; stages never import ray.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 1024
+    # At most this many workers (actors) at once; None lets the runner use what the cluster has.
+    max_workers: int | None = None
+
+
+class Stage:
+    """Common to both kinds: a name and the configuration that determines the output."""
+
+    name: str = "stage"
+    # Bump when a stage's code changes what it writes: part of every fingerprint.
+    version: str = "1"
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """Everything that changes this stage's output besides its inputs."""
+        return {}
+
+    def describe(self) -> str:
+        return json.dumps(self.fingerprint_config(), sort_keys=True, default=str)
+
+
+class MapStage(Stage):
+    resources: Resources = Resources()
+    # Model stages run on a pool of long-lived workers (Ray actors) so the model loads once each.
+    stateful: bool = False
+
+    def __init__(self) -> None:
+        self._ready = False
+
+    def setup(self) -> None:
+        """Load models, indices... Called once per worker before the first batch."""
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def transform(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.ensure_setup()
+        return self.transform(batch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ship configuration to workers, never a loaded model.
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["_ready"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class GlobalStage(Stage):
+    """Runs once over whole inputs. `run` writes into `out_dir` (a fresh temp dir)."""
+
+    def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class StageResult:
+    name: str
+    path: Path
+    fingerprint: str
+    reused: bool
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,159 @@
+"""Embed texts with a sentence-transformers model: one row in, one normalised vector out.
+
+Rows are grouped by token length and each group is padded to a fixed bucket length (a multiple
+of 16 tokens). Two things follow: little padding is wasted, and a text's vector depends only on
+the text and its bucket — never on which other texts share its batch — so the output is
+bit-identical however a runner (in-process, Ray, a cluster) cuts the input into batches.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stages.base import MapStage, Resources
+from stages.models import model_fingerprint, resolve_model
+
+_BUCKET = 16
+
+
+class EmbedStage(MapStage):
+    name = "embed"
+    version = "1"
+    stateful = True
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        id_column: str,
+        text_column: str,
+        prompt: str | None = None,
+        max_seq_length: int | None = None,
+        precision: str = "fp32",
+        device: str = "cpu",
+        micro_batch_size: int = 32,
+        threads: int = 1,
+        keep_columns: bool = False,
+        trust_remote_code: bool = False,
+        batch_size: int = 1024,
+        max_workers: int | None = None,
+        label: str = "embed",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.id_column = id_column
+        self.text_column = text_column
+        self.prompt = prompt
+        self.max_seq_length = max_seq_length
+        self.precision = precision
+        self.device = device
+        self.micro_batch_size = micro_batch_size
+        self.threads = threads
+        self.keep_columns = keep_columns
+        self.trust_remote_code = trust_remote_code
+        self.name = label
+        self.resources = Resources(
+            num_cpus=threads,
+            num_gpus=1.0 if device.startswith("cuda") else 0.0,
+            batch_size=batch_size,
+            max_workers=max_workers,
+        )
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        # Batch sizes and thread counts do not change the vectors (see the module docstring).
+        return {
+            **model_fingerprint(self.model),
+            "prompt": self.prompt,
+            "max_seq_length": self.max_seq_length,
+            "precision": self.precision,
+            "pooling": "model",  # the model's own Pooling/Normalize modules, part of its files
+            "id_column": self.id_column,
+            "text_column": self.text_column,
+            "keep_columns": self.keep_columns,
+            "normalize": True,
+        }
+
+    def setup(self) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if not self.device.startswith("cuda"):
+            # Fixed thread count: the same arithmetic whichever runner hosts this worker.
+            torch.set_num_threads(max(1, int(self.threads)))
+        self._torch = torch
+        self._model = SentenceTransformer(
+            resolve_model(self.model),
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+        )
+        if self.max_seq_length:
+            self._model.max_seq_length = self.max_seq_length
+        self._model.eval()
+        if self.precision == "fp16" and self.device.startswith("cuda"):
+            self._model.half()
+
+    def _autocast(self):
+        torch = self._torch
+        if self.precision == "bf16":
+            return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            return torch.autocast("cpu", dtype=torch.float16)
+        return nullcontext()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Normalised float32 vectors for `texts`, in order."""
+        torch = self._torch
+        tokenizer = self._model.tokenizer
+        max_len = int(self._model.max_seq_length or tokenizer.model_max_length)
+        if self.prompt:
+            texts = [self.prompt + t for t in texts]
+        lengths = [
+            len(ids)
+            for ids in tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+        ]
+        buckets = [min(max_len, -(-n // _BUCKET) * _BUCKET) for n in lengths]
+        order = np.lexsort((np.arange(len(texts)), buckets))
+        out = np.empty((len(texts), self._model.get_embedding_dimension()), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            bucket = buckets[order[start]]
+            stop = start
+            while (
+                stop < len(order)
+                and buckets[order[stop]] == bucket
+                and stop - start < self.micro_batch_size
+            ):
+                stop += 1
+            rows = order[start:stop]
+            features = tokenizer(
+                [texts[i] for i in rows],
+                padding="max_length",
+                truncation=True,
+                max_length=bucket,
+                return_tensors="pt",
+            )
+            features = {k: v.to(self.device) for k, v in features.items()}
+            with torch.inference_mode(), self._autocast():
+                vectors = self._model(features)["sentence_embedding"]
+            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+            out[rows] = vectors.cpu().numpy()
+            start = stop
+        return out
+
+    def transform(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column(self.text_column).to_pylist()
+        vectors = self.encode(texts)
+        dim = vectors.shape[1]
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+        if self.keep_columns:
+            return batch.append_column("embedding", embedding)
+        return pa.table({"id": batch.column(self.id_column), "embedding": embedding})
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

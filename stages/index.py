@@ -1,0 +1,69 @@
+"""Index: gather the corpus vectors into one memory-mapped matrix in corpus order and build the
+FAISS index over it.
+
+Vectors are placed by document id at the document's row in the corpus table, so the matrix (and
+the index trained from it) is the same whichever runner wrote the embedding shards, in whatever
+order. Memory stays bounded: vectors stream from Parquet into a .npy memmap, and the index is
+built from the memmap in chunks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.ann_index import IndexConfig, build_index
+from stages.base import GlobalStage
+from stages.io import ShardWriter, iter_batches, parquet_files
+
+
+class IndexStage(GlobalStage):
+    name = "index"
+    version = "1"
+
+    def __init__(self, index: IndexConfig) -> None:
+        self.index = index
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        # Where the index runs (GPU or CPU) does not change which vectors it holds.
+        return self.index.model_dump(exclude={"gpu"})
+
+    def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+        row_of: dict[str, int] = {}
+        with ShardWriter(out_dir / "ids", pa.schema([("doc_id", pa.string())])) as ids:
+            for batch in iter_batches(inputs["corpus"], 100_000, columns=["doc_id"]):
+                for doc_id in batch.column("doc_id").to_pylist():
+                    row_of[doc_id] = len(row_of)
+                ids.write(batch)
+        if not row_of:
+            raise ValueError("the corpus is empty: no document survived ingest")
+        vectors = write_vectors(inputs["embeddings"], row_of, out_dir / "vectors.npy")
+        build_index(vectors, self.index, out_dir / "faiss")
+        return {"documents": len(row_of), "dim": int(vectors.shape[1])}
+
+
+def embedding_dim(directory: Path) -> int:
+    schema = pq.read_schema(parquet_files(directory)[0])
+    return schema.field("embedding").type.list_size
+
+
+def write_vectors(embeddings: Path, row_of: dict[str, int], path: Path) -> np.memmap:
+    dim = embedding_dim(embeddings)
+    matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(row_of), dim))
+    filled = np.zeros(len(row_of), dtype=bool)
+    for batch in iter_batches(embeddings, 65_536):
+        rows = np.fromiter((row_of.get(i, -1) for i in batch.column("id").to_pylist()), dtype=np.int64)
+        values = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        values = values.reshape(-1, dim)
+        known = rows >= 0  # vectors of ids outside the corpus are not needed
+        matrix[rows[known]] = values[known]
+        filled[rows[known]] = True
+    if not filled.all():
+        raise ValueError(f"{int((~filled).sum())} corpus documents have no embedding")
+    matrix.flush()
+    del matrix
+    return np.load(path, mmap_mode="r")

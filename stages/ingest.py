@@ -1,0 +1,420 @@
+"""Ingest: read a BEIR folder or a pair file, normalise it into the corpus, queries and pairs
+tables, and write every row that cannot be used to rejects with its reason.
+
+Nothing is dropped silently: a malformed line, a row without text, a duplicate id (the first
+wins), a judgement that points at a missing document or query — each becomes a reject row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from stages.base import GlobalStage
+from stages.io import ShardWriter
+
+MAX_TEXT_CHARS = 1_000_000  # longer texts are truncated by the models anyway; keep memory sane
+
+
+def content_id(text: str) -> str:
+    """A stable id for a text that came without one."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Rejects:
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self.counts: dict[str, int] = {}
+        self.pair_counts: dict[str, int] = {}
+        self._buffer: list[dict] = []
+
+    def add(self, source: str, line: int | None, id_: str | None, reason: str, detail: str = "", pair: bool = False) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if pair:
+            self.pair_counts[reason] = self.pair_counts.get(reason, 0) + 1
+        self._buffer.append(
+            {"stage": "ingest", "source": source, "line": line, "id": id_, "reason": reason, "detail": detail[:500], "pair": pair}
+        )
+        if len(self._buffer) >= 10_000:
+            self.flush()
+
+    def flush(self) -> None:
+        self.writer.write_rows(self._buffer)
+        self._buffer = []
+
+
+def _iter_jsonl(path: Path, rejects: Rejects, pair: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each valid JSON object line; reject the rest (as pairs
+    when the file is a pair file, so the pair accounting stays exact)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                rejects.add(path.name, number, None, "invalid_utf8", pair=pair)
+                continue
+            except json.JSONDecodeError as err:
+                rejects.add(path.name, number, None, "invalid_json", str(err), pair=pair)
+                continue
+            if not isinstance(obj, dict):
+                rejects.add(path.name, number, None, "not_an_object", pair=pair)
+                continue
+            yield number, obj
+
+
+def _as_id(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, str)):
+        text = str(value).strip()
+        return text or None
+    return None
+
+
+def _as_text(*parts: Any) -> str | None:
+    """Join the string parts; None if any part has the wrong type or the result is blank."""
+    pieces = []
+    for part in parts:
+        if part is None:
+            continue
+        if not isinstance(part, str):
+            return None
+        pieces.append(part.strip())
+    text = " ".join(p for p in pieces if p)
+    return text[:MAX_TEXT_CHARS] if text else None
+
+
+@dataclass
+class _Collected:
+    corpus_ids: set[str] = field(default_factory=set)
+    text_to_doc: dict[str, str] = field(default_factory=dict)
+    queries: dict[str, str] = field(default_factory=dict)
+
+
+class IngestStage(GlobalStage):
+    name = "ingest"
+    version = "1"
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def _input_hashes(self) -> dict[str, str]:
+        if not hasattr(self, "_hashes"):
+            c = self.config
+            self._hashes = {}
+            if c.beir is not None:
+                # Only the files this split reads, so other splits' qrels do not matter.
+                for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{c.split}.tsv"):
+                    self._hashes[name] = file_fingerprint(Path(c.beir) / name)
+            for key in ("pairs", "corpus"):
+                path = getattr(c, key)
+                if path is not None:
+                    self._hashes[key] = file_fingerprint(Path(path))
+        return self._hashes
+
+    def corpus_fingerprint(self) -> str:
+        """What the corpus table depends on: corpus embeddings and indices chain this, not the
+        whole ingest, so changing `positives` or the qrels split re-embeds nothing."""
+        import hashlib
+        import json
+
+        hashes = self._input_hashes()
+        c = self.config
+        if c.beir is not None:
+            basis = {"corpus.jsonl": hashes["corpus.jsonl"]}
+        else:
+            basis = {**hashes, "columns": [c.positive_column, c.positive_id_column, c.corpus_id_column, c.corpus_text_column, c.query_column]}
+        payload = json.dumps({"stage": "corpus", "version": self.version, "basis": basis, "schema": schemas.SCHEMA_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "inputs": self._input_hashes(),
+            "split": c.split if c.beir else None,
+            "positives": c.positives,
+            "hide_extra_positives": c.hide_extra_positives,
+            "columns": [c.query_column, c.positive_column, c.query_id_column, c.positive_id_column, c.corpus_id_column, c.corpus_text_column],
+            "schema": schemas.SCHEMA_VERSION,
+        }
+
+    def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+        rejects = Rejects(ShardWriter(out_dir / "rejects", schemas.REJECTS))
+        with ShardWriter(out_dir / "corpus", schemas.CORPUS) as corpus:
+            if self.config.beir is not None:
+                pairs, masks, queries, seen = self._read_beir(Path(self.config.beir), corpus, rejects)
+            else:
+                pairs, masks, queries, seen = self._read_pair_file(corpus, rejects)
+        info = self._write_pairs(out_dir, pairs, masks, queries)
+        rejects.flush()
+        rejects.writer.close()
+        info.update(
+            corpus_rows=len(seen.corpus_ids),
+            rejects=rejects.counts,
+            rejected_pairs=rejects.pair_counts,
+        )
+        return info
+
+    # ---------------------------------------------------------------- BEIR
+    def _read_corpus_jsonl(self, path: Path, corpus: ShardWriter, rejects: Rejects, id_key: str = "_id", text_key: str = "text") -> _Collected:
+        seen = _Collected()
+        buffer: list[dict] = []
+        for line, obj in _iter_jsonl(path, rejects):
+            doc_id = _as_id(obj.get(id_key))
+            if doc_id is None:
+                rejects.add(path.name, line, None, "missing_id")
+                continue
+            text = _as_text(obj.get("title"), obj.get(text_key)) if id_key == "_id" else _as_text(obj.get(text_key))
+            if text is None:
+                rejects.add(path.name, line, doc_id, "empty_text" if not _wrong_type(obj, text_key) else "wrong_type")
+                continue
+            if doc_id in seen.corpus_ids:
+                rejects.add(path.name, line, doc_id, "duplicate_id", "the first occurrence wins")
+                continue
+            seen.corpus_ids.add(doc_id)
+            seen.text_to_doc.setdefault(content_id(text), doc_id)
+            buffer.append({"doc_id": doc_id, "text": text})
+            if len(buffer) >= 50_000:
+                corpus.write_rows(buffer)
+                buffer = []
+        corpus.write_rows(buffer)
+        return seen
+
+    def _read_beir(self, folder: Path, corpus: ShardWriter, rejects: Rejects):
+        seen = self._read_corpus_jsonl(folder / "corpus.jsonl", corpus, rejects)
+        for line, obj in _iter_jsonl(folder / "queries.jsonl", rejects):
+            query_id = _as_id(obj.get("_id"))
+            text = _as_text(obj.get("text"))
+            if query_id is None:
+                rejects.add("queries.jsonl", line, None, "missing_id")
+            elif text is None:
+                rejects.add("queries.jsonl", line, query_id, "empty_text")
+            elif query_id in seen.queries:
+                rejects.add("queries.jsonl", line, query_id, "duplicate_id", "the first occurrence wins")
+            else:
+                seen.queries[query_id] = text
+
+        qrels_name = f"qrels/{self.config.split}.tsv"
+        # With positives=all every positive judgement is an input pair; with positives=best each
+        # judged query is one, so a bad judgement line is a pair only in the first case.
+        per_judgement = self.config.positives == "all"
+        judged_queries: dict[str, int] = {}
+        judged: dict[str, list[tuple[str, float, int]]] = {}
+        with open(folder / qrels_name, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    rejects.add(qrels_name, number, None, "invalid_utf8", pair=per_judgement)
+                    continue
+                if not line.strip():
+                    continue
+                cells = line.split("\t")
+                if number == 1 and cells[0] in ("query-id", "query_id", "qid"):
+                    continue
+                try:
+                    query_id, doc_id, grade = cells[0].strip(), cells[1].strip(), float(cells[2])
+                except (IndexError, ValueError):
+                    rejects.add(qrels_name, number, None, "malformed_qrels_line", line[:200], pair=per_judgement)
+                    continue
+                if grade <= 0:
+                    continue  # a judgement of non-relevance, not a pair
+                pair_id = f"{query_id}:{doc_id}"
+                judged_queries.setdefault(query_id, number)
+                if query_id not in seen.queries:
+                    rejects.add(qrels_name, number, pair_id, "unknown_query", pair=per_judgement)
+                elif doc_id not in seen.corpus_ids:
+                    rejects.add(qrels_name, number, pair_id, "unknown_document", pair=per_judgement)
+                elif any(d == doc_id for d, _, _ in judged.get(query_id, ())):
+                    rejects.add(qrels_name, number, pair_id, "duplicate_judgement", pair=per_judgement)
+                else:
+                    judged.setdefault(query_id, []).append((doc_id, grade, number))
+
+        if not per_judgement:
+            for query_id, number in judged_queries.items():
+                if query_id not in judged:
+                    rejects.add(qrels_name, number, query_id, "no_usable_judgement", "every judgement of this query was rejected", pair=True)
+        pairs: list[tuple[str, str]] = []
+        masks: dict[str, list[str]] = {}
+        for query_id, docs in judged.items():
+            if self.config.positives == "best":
+                # Highest grade; ties go to the lowest id (numerically when ids are numbers).
+                best = min(docs, key=lambda d: (-d[1], _id_order(d[0])))
+                chosen = [best[0]]
+            else:
+                chosen = [d for d, _, _ in docs]
+            pairs.extend((query_id, doc_id) for doc_id in chosen)
+            masks[query_id] = chosen if self.config.hide_extra_positives else [d for d, _, _ in docs]
+        return pairs, masks, seen.queries, seen
+
+    # ---------------------------------------------------------------- pair files
+    def _read_pair_file(self, corpus: ShardWriter, rejects: Rejects):
+        c = self.config
+        seen = _Collected()
+        if c.corpus is not None:
+            path = Path(c.corpus)
+            if path.suffix == ".parquet":
+                seen = self._read_corpus_table(pq.read_table(path), path.name, corpus, rejects)
+            else:
+                seen = self._read_corpus_jsonl(path, corpus, rejects, c.corpus_id_column, c.corpus_text_column)
+        pairs: list[tuple[str, str]] = []
+        new_docs: list[dict] = []
+        source = Path(c.pairs).name
+        for line, row, columns in _iter_pair_rows(Path(c.pairs), rejects):
+            q_col = c.query_column or (columns[0] if columns else None)
+            p_col = c.positive_column or (columns[1] if len(columns) > 1 else None)
+            if q_col is None or p_col is None:
+                rejects.add(source, line, None, "missing_columns", "a pair needs a query and a positive column", pair=True)
+                continue
+            query, positive = row.get(q_col), row.get(p_col)
+            if q_col not in row or p_col not in row:
+                rejects.add(source, line, None, "missing_field", f"needs {q_col!r} and {p_col!r}", pair=True)
+                continue
+            if not isinstance(query, str) or not isinstance(positive, str):
+                rejects.add(source, line, None, "wrong_type", "query and positive must be strings", pair=True)
+                continue
+            query, positive = _as_text(query), _as_text(positive)
+            if query is None or positive is None:
+                rejects.add(source, line, None, "empty_text", pair=True)
+                continue
+            query_id = _as_id(row.get(c.query_id_column)) if c.query_id_column else content_id(query)
+            if query_id is None:
+                rejects.add(source, line, None, "missing_id", c.query_id_column or "", pair=True)
+                continue
+            known = seen.queries.get(query_id)
+            if known is not None and known != query:
+                rejects.add(source, line, query_id, "conflicting_query_text", "the first text of this id wins", pair=True)
+                continue
+            seen.queries.setdefault(query_id, query)
+            if c.positive_id_column:
+                doc_id = _as_id(row.get(c.positive_id_column))
+                if doc_id is None:
+                    rejects.add(source, line, None, "missing_id", c.positive_id_column, pair=True)
+                    continue
+            else:
+                # The same text in the corpus is the same document: it must be masked, not mined.
+                doc_id = seen.text_to_doc.get(content_id(positive)) or content_id(positive)
+            if doc_id not in seen.corpus_ids:
+                seen.corpus_ids.add(doc_id)
+                seen.text_to_doc.setdefault(content_id(positive), doc_id)
+                new_docs.append({"doc_id": doc_id, "text": positive})
+            pairs.append((query_id, doc_id))
+        corpus.write_rows(new_docs)
+        masks: dict[str, list[str]] = {}
+        deduped: list[tuple[str, str]] = []
+        seen_pairs: set[tuple[str, str]] = set()
+        for query_id, doc_id in pairs:
+            if (query_id, doc_id) in seen_pairs:
+                rejects.add(source, None, f"{query_id}:{doc_id}", "duplicate_pair", pair=True)
+                continue
+            seen_pairs.add((query_id, doc_id))
+            deduped.append((query_id, doc_id))
+            masks.setdefault(query_id, []).append(doc_id)
+        return deduped, masks, seen.queries, seen
+
+    def _read_corpus_table(self, table: pa.Table, name: str, corpus: ShardWriter, rejects: Rejects) -> _Collected:
+        c = self.config
+        seen = _Collected()
+        if c.corpus_id_column not in table.column_names or c.corpus_text_column not in table.column_names:
+            raise ValueError(f"corpus {name}: needs columns {c.corpus_id_column!r} and {c.corpus_text_column!r}")
+        rows = []
+        for number, (raw_id, raw_text) in enumerate(
+            zip(table.column(c.corpus_id_column).to_pylist(), table.column(c.corpus_text_column).to_pylist()), start=1
+        ):
+            doc_id, text = _as_id(raw_id), _as_text(raw_text) if isinstance(raw_text, str) else None
+            if doc_id is None or text is None:
+                rejects.add(name, number, doc_id, "missing_id" if doc_id is None else "empty_text")
+            elif doc_id in seen.corpus_ids:
+                rejects.add(name, number, doc_id, "duplicate_id", "the first occurrence wins")
+            else:
+                seen.corpus_ids.add(doc_id)
+                seen.text_to_doc.setdefault(content_id(text), doc_id)
+                rows.append({"doc_id": doc_id, "text": text})
+        corpus.write_rows(rows)
+        return seen
+
+    # ---------------------------------------------------------------- outputs
+    def _write_pairs(self, out_dir: Path, pairs, masks, queries) -> dict[str, Any]:
+        grouped: dict[str, list[tuple[str, int]]] = {}
+        with ShardWriter(out_dir / "pairs", schemas.PAIRS) as writer:
+            rows = []
+            for order, (query_id, doc_id) in enumerate(pairs):
+                pair_id = f"{query_id}:{doc_id}"
+                rows.append({"pair_id": pair_id, "pair_order": order, "query_id": query_id, "positive_id": doc_id})
+                grouped.setdefault(query_id, []).append((doc_id, order))
+            writer.write_rows(rows)
+        with ShardWriter(out_dir / "queries", schemas.QUERIES) as writer:
+            writer.write_rows(
+                [
+                    {
+                        "query_id": query_id,
+                        "text": queries[query_id],
+                        "pair_ids": [f"{query_id}:{d}" for d, _ in items],
+                        "pair_order": [o for _, o in items],
+                        "positive_ids": [d for d, _ in items],
+                        "mask_ids": sorted(set(masks[query_id]) | {d for d, _ in items}),
+                    }
+                    for query_id, items in grouped.items()
+                ]
+            )
+        return {"pairs": len(pairs), "queries": len(grouped)}
+
+
+def _wrong_type(obj: dict, key: str) -> bool:
+    value = obj.get(key)
+    return value is not None and not isinstance(value, str)
+
+
+def _id_order(doc_id: str) -> tuple:
+    return (0, int(doc_id), doc_id) if doc_id.isdigit() else (1, 0, doc_id)
+
+
+def _iter_pair_rows(path: Path, rejects: Rejects) -> Iterator[tuple[int | None, dict, list[str]]]:
+    """Rows of a JSONL, Parquet or datasets save_to_disk pair file, with the column order."""
+    if path.is_dir():
+        import datasets
+
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as err:  # noqa: BLE001 - any unreadable folder is a user error
+            raise ValueError(f"pair folder {path}: not a datasets save_to_disk folder ({err.__class__.__name__})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[next(iter(dataset))]
+        columns = list(dataset.column_names)
+        for number, row in enumerate(dataset.iter(batch_size=1), start=1):
+            yield number, {k: v[0] for k, v in row.items()}, columns
+    elif path.suffix == ".parquet":
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
+        number = 0
+        for batch in parquet.iter_batches(batch_size=10_000):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row, columns
+    else:
+        columns: list[str] = []
+        for number, obj in _iter_jsonl(path, rejects, pair=True):
+            if not columns:
+                columns = list(obj.keys())
+            yield number, obj, columns

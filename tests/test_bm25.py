@@ -1,0 +1,186 @@
+"""Tests for stages.bm25_miner: tokenisation, bm25s == BM25Okapi parity on Cranfield,
+persistence, score()/search() agreement, k1/b, ties and edge cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from stages.bm25_miner import BM25Config, BM25Index, tokenize
+
+CRANFIELD = Path(__file__).parent.parent / "examples" / "cranfield"
+K = 20
+ENGINES = ["bm25s", "rank_bm25"]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def cranfield() -> tuple[list[str], list[str], list[str]]:
+    docs = _read_jsonl(CRANFIELD / "corpus.jsonl")
+    queries = _read_jsonl(CRANFIELD / "queries.jsonl")
+    doc_ids = [d["_id"] for d in docs]
+    texts = [f"{d.get('title', '')} {d['text']}".strip() for d in docs]
+    return doc_ids, texts, [q["text"] for q in queries]
+
+
+@pytest.fixture(scope="module")
+def indexes(cranfield) -> dict[str, BM25Index]:
+    doc_ids, texts, _ = cranfield
+    return {e: BM25Index.build(doc_ids, texts, BM25Config(engine=e)) for e in ENGINES}
+
+
+@pytest.fixture(scope="module")
+def results(indexes, cranfield) -> dict[str, tuple[list[list[str]], list[list[float]]]]:
+    queries = cranfield[2]
+    return {e: idx.search(queries, K) for e, idx in indexes.items()}
+
+
+def _reference_top_k(okapi: BM25Okapi, doc_ids: list[str], tokens: list[str], k: int):
+    """Ground truth straight from rank_bm25: sort all docs by (-score, doc id)."""
+    scores = okapi.get_scores(tokens)
+    ranked = sorted((-s, d) for s, d in zip(scores.tolist(), doc_ids) if s > 0)[:k]
+    return [d for _, d in ranked], [-s for s, _ in ranked]
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def test_tokenize_lowercases_removes_stopwords_and_stems():
+    cfg = BM25Config()
+    assert tokenize(["The Running DOGS of a Jet-Engine, x"], cfg) == [
+        ["run", "dog", "jet", "engin"]  # "the"/"of"/"a" are stopwords, "x" too short
+    ]
+    assert tokenize(["Running dogs"], BM25Config(stemmer=None)) == [["running", "dogs"]]
+    assert tokenize(["the dogs"], BM25Config(stopwords=None)) == [["the", "dog"]]
+    assert tokenize(["", "the of"], cfg) == [[], []]
+
+
+def test_config_rejects_unknown_names_and_fields():
+    with pytest.raises(ValueError):
+        BM25Config(stemmer="klingon")
+    with pytest.raises(ValueError):
+        BM25Config(stopwords="klingon")
+    with pytest.raises(ValueError):
+        BM25Config(epsilon=0.3)  # extra="forbid"
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def test_cranfield_exercises_the_negative_idf_floor(cranfield):
+    _, texts, _ = cranfield
+    okapi = BM25Okapi(tokenize(texts, BM25Config()))
+    floored = [t for t, v in okapi.idf.items() if v == okapi.epsilon * okapi.average_idf]
+    assert floored, "parity below would not cover BM25Okapi's epsilon floor"
+
+
+def test_engines_agree_with_bm25okapi_on_all_cranfield_queries(cranfield, results):
+    doc_ids, texts, queries = cranfield
+    okapi = BM25Okapi(tokenize(texts, BM25Config()), k1=1.5, b=0.75)
+    q_tokens = tokenize(queries, BM25Config())
+    assert len(queries) == 225
+    for qi, tokens in enumerate(q_tokens):
+        ref_ids, ref_scores = _reference_top_k(okapi, doc_ids, tokens, K)
+        for engine in ENGINES:
+            ids, scores = results[engine][0][qi], results[engine][1][qi]
+            assert ids == ref_ids, (engine, qi)
+            np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-4)
+    # Same ids AND the same floats in both engines (bit-identical by construction).
+    assert results["bm25s"] == results["rank_bm25"]
+
+
+def test_okapi_matrix_equals_native_bm25s_except_the_floor(cranfield, indexes):
+    """Our bm25s matrix is stock bm25s atire/robertson, except for negative-idf terms."""
+    _, texts, _ = cranfield
+    tokens = tokenize(texts, BM25Config())
+    native = bm25s.BM25(k1=1.5, b=0.75, method="atire", idf_method="robertson", dtype="float64")
+    native.index(tokens, show_progress=False)
+    okapi = BM25Okapi(tokens)
+    ours = indexes["bm25s"]._retriever
+    for term, idf in okapi.idf.items():
+        got = ours.get_scores([term])
+        want = native.get_scores([term])
+        if idf == okapi.epsilon * okapi.average_idf:
+            assert np.all(want == 0) and np.all(got[got != 0] > 0)  # bm25s clamps to 0
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_save_load_roundtrip(engine, indexes, results, cranfield, tmp_path):
+    indexes[engine].save(tmp_path)
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pickle"))
+    loaded = BM25Index.load(tmp_path, BM25Config(engine=engine))
+    assert loaded.search(cranfield[2], K) == results[engine]
+    with pytest.raises(ValueError):
+        BM25Index.load(tmp_path, BM25Config(engine=engine, k1=1.2))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_score_agrees_with_search(engine, indexes, results, cranfield):
+    idx = indexes[engine]
+    queries = cranfield[2]
+    for qi in range(0, len(queries), 15):
+        ids, scores = results[engine][0][qi], results[engine][1][qi]
+        assert idx.score(queries[qi], ids) == scores
+    # A doc without any query term scores exactly 0; unknown ids are an error.
+    assert idx.score("zzzunknownterm", ["1", "2"]) == [0.0, 0.0]
+    assert idx.score(queries[0], []) == []
+    with pytest.raises(KeyError):
+        idx.score(queries[0], ["no-such-doc"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_k1_and_b_are_honoured(engine, cranfield, results):
+    doc_ids, texts, queries = cranfield
+    cfg = BM25Config(engine=engine, k1=0.9, b=0.4)
+    ids, scores = BM25Index.build(doc_ids, texts, cfg).search(queries[:25], K)
+    okapi = BM25Okapi(tokenize(texts, cfg), k1=0.9, b=0.4)
+    for qi, tokens in enumerate(tokenize(queries[:25], cfg)):
+        ref_ids, ref_scores = _reference_top_k(okapi, doc_ids, tokens, K)
+        assert ids[qi] == ref_ids
+        np.testing.assert_allclose(scores[qi], ref_scores, rtol=0, atol=1e-4)
+    assert scores != results[engine][1][:25]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ties_broken_by_doc_id_string_order(engine):
+    # Four identical docs tie exactly; "10" < "3" < "7" < "9" as strings. The
+    # k=2 cut falls inside the tie group, so the smallest ids must win.
+    doc_ids = ["9", "3", "10", "7", "a", "b"]
+    texts = ["red apple"] * 4 + ["green pear", "blue sky"]
+    idx = BM25Index.build(doc_ids, texts, BM25Config(engine=engine))
+    ids, scores = idx.search(["apple"], 2)
+    assert ids == [["10", "3"]] and scores[0][0] == scores[0][1] > 0
+    ids, _ = idx.search(["apple pear"], 10)
+    assert ids == [["a", "10", "3", "7", "9"]]  # rarer "pear" first; no zero-score docs
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_edge_queries(engine):
+    idx = BM25Index.build(["d1", "d2", "d3"], ["red apple", "green pear", "blue"], BM25Config(engine=engine))
+    ids, scores = idx.search(["", "the of", "zzz unknown", "apple"], k=10)  # k > corpus size
+    assert ids == [[], [], [], ["d1"]] and scores[:3] == [[], [], []]
+    assert idx.search([], 5) == ([], [])
+    with pytest.raises(ValueError):
+        idx.search(["apple"], 0)
+    with pytest.raises(ValueError):
+        BM25Index.build(["a", "a"], ["x y", "z w"], BM25Config(engine=engine))
+
+
+def test_batched_search_matches_single_batch(indexes, results, cranfield):
+    # Small batches and threaded retrieval must not change anything.
+    got = indexes["bm25s"].search(cranfield[2], K, batch_size=7, n_threads=2)
+    assert got == results["bm25s"]
