@@ -104,7 +104,7 @@ class MineConfig(BaseModel):
             raise ValueError("range_min must be below range_max")
         return self
 
-    def check_inputs(self) -> None:
+    def check_inputs(self, require_out: bool = True) -> None:
         """Input-level checks the model validators cannot do (files exist, one source given)."""
         if (self.beir is None) == (self.pairs is None):
             raise ConfigError("give exactly one input: --beir DIR or --pairs FILE")
@@ -118,7 +118,7 @@ class MineConfig(BaseModel):
             raise ConfigError(f"corpus file not found: {self.corpus}")
         if self.corpus_embeddings is not None and not self.corpus_embeddings.exists():
             raise ConfigError(f"corpus embeddings not found: {self.corpus_embeddings}")
-        if self.out is None:
+        if require_out and self.out is None:
             raise ConfigError("give an output folder: --out DIR")
 
 

@@ -47,11 +47,16 @@ def default_work_dir(out: Path) -> Path:
 
 
 class Pipeline:
-    def __init__(self, config: MineConfig, *, progress: bool = True) -> None:
-        config.check_inputs()
+    def __init__(self, config: MineConfig, *, progress: bool = True, require_out: bool = True) -> None:
+        config.check_inputs(require_out=require_out)
         self.config = config
-        self.out = Path(config.out)
-        self.work = WorkDir(Path(config.work_dir) if config.work_dir else default_work_dir(self.out))
+        self.out = Path(config.out) if config.out else None
+        if config.work_dir:
+            self.work = WorkDir(Path(config.work_dir))
+        elif self.out is not None:
+            self.work = WorkDir(default_work_dir(self.out))
+        else:
+            raise ConfigError("give a work dir (work_dir) to cache stage outputs")
         self.progress = progress
         self.device = pick_device(config.device)
         self.precision = pick_precision(config.precision, self.device)
@@ -123,13 +128,28 @@ class Pipeline:
         )
 
     def _run_all(self) -> RunResult:
+        ingest, queries, index, corpus_fp = self._embed_and_index()
+        return self._mine(ingest, queries, index, corpus_fp)
+
+    def run_until_index(self) -> dict[str, StageResult]:
+        """Ingest, embed and index only (cached like any run): for eval and benchmarks."""
+        with self.work.lock():
+            self.work.clean_temps()
+            check_model(self.config.model, "embedding")
+            try:
+                ingest, queries, index, _ = self._embed_and_index()
+            finally:
+                self.executor.close()
+        return {"ingest": ingest, "queries": queries, "index": index}
+
+    def _embed_and_index(self):
         c = self.config
         ingest_stage = IngestStage(c)
         ingest = self._run(ingest_stage, [], {})
         corpus_fp = ingest_stage.corpus_fingerprint()
         ingest_dir = ingest.path
         if ingest.info.get("pairs", 0) == 0:
-            raise ConfigError("no usable pairs in the input (see the rejects reasons: "
+            raise ConfigError("no usable pairs in the input (rejects by reason: "
                               + ", ".join(f"{k}={v}" for k, v in ingest.info.get("rejects", {}).items()) + ")")
         if ingest.info.get("corpus_rows", 0) == 0:
             raise ConfigError("the corpus is empty: no document survived ingest")
@@ -145,6 +165,11 @@ class Pipeline:
                                map_input=ingest_dir / "corpus")
         index = self._run(IndexStage(c.index), [corpus_fp, corpus],
                           {"corpus": ingest_dir / "corpus", "embeddings": corpus.path})
+        return ingest, queries, index, corpus_fp
+
+    def _mine(self, ingest: StageResult, queries: StageResult, index: StageResult, corpus_fp: str) -> RunResult:
+        c = self.config
+        ingest_dir = ingest.path
         bm25 = None
         upstream = [queries, index]
         if "bm25" in c.miners:
@@ -203,7 +228,7 @@ class Pipeline:
         tmp.mkdir()
         try:
             stats = stage.run(inputs, tmp)
-            stats["stages"] = {r.name: {"reused": r.reused, "seconds": round(r.seconds, 3)} for r in self.results}
+            stats["stages"] = {r.name: {"reused": r.reused, "seconds": round(r.seconds, 3), "path": str(r.path)} for r in self.results}
             stats["config"] = self.config.model_dump(mode="json")
             write_json_atomic(tmp / "stats.json", stats)
             commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION}, name=manifest.name)
