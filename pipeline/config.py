@@ -17,6 +17,11 @@ from stages.models import DEFAULT_MODEL
 Format = Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"]
 Score = Literal["dense", "bm25", "cross_encoder"]
 
+# The default false-negative filters and sampling (README, "False negatives"): chosen on
+# Cranfield's odd and even query ids separately.
+DEFAULT_FILTERS: list[dict] = []
+DEFAULT_SAMPLING = "top"
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported in one line with exit code 2."""
@@ -39,6 +44,7 @@ class MineConfig(BaseModel):
     corpus_id_column: str = Field("_id", description="corpus file id column")
     corpus_text_column: str = Field("text", description="corpus file text column")
     corpus_embeddings: Path | None = Field(None, description="precomputed corpus vectors (Parquet with id+embedding, or .npy with ids beside)")
+    query_embeddings: Path | None = Field(None, description="precomputed query vectors (same forms as corpus_embeddings)")
 
     # --- output ---
     out: Path | None = Field(None, description="output folder (a datasets save_to_disk folder)")
@@ -75,10 +81,18 @@ class MineConfig(BaseModel):
     absolute_margin: float | None = Field(None, description="drop candidates with score > positive_score - absolute_margin")
     relative_margin: float | None = Field(None, description="drop candidates with score > positive_score - relative_margin * |positive_score|")
     score: Score = Field("dense", description="which score the filters above use")
+    filters: list[dict] = Field(DEFAULT_FILTERS, description="filter chain after the keys above, in order: "
+                                "[{type: near_duplicate, threshold: 0.95}, {type: percentile, value: 95, score: dense}, ...]")
+    consistency_top_k: int | None = Field(None, gt=0, description="keep a pair only if its positive ranks in the top k of its query's dense ranking of the corpus")
+    consistency_min_score: float | None = Field(None, description="keep a pair only if its positive's dense score is at least this")
 
     # --- sampling ---
     num_negatives: int = Field(5, gt=0, description="negatives per pair")
-    sampling_strategy: Literal["top", "random"] = Field("top", description="top: hardest survivors; random: seeded sample of survivors")
+    sampling_strategy: Literal["top", "random", "softmax", "mmr"] = Field(
+        DEFAULT_SAMPLING, description="top: hardest survivors; random: seeded sample; softmax: seeded sample with p ~ exp(score/temperature); "
+        "mmr: maximal marginal relevance (hard and mutually diverse)")
+    temperature: float = Field(0.05, gt=0, description="softmax sampling temperature")
+    mmr_lambda: float = Field(0.7, ge=0, le=1, description="mmr: weight of the score against diversity")
     seed: int = Field(12, description="seed for every random choice")
 
     # --- execution ---
@@ -102,6 +116,21 @@ class MineConfig(BaseModel):
             raise ValueError("score=bm25 needs bm25 in miners")
         if self.range_min >= self.range_max:
             raise ValueError("range_min must be below range_max")
+        if self.consistency_top_k is not None and self.consistency_top_k > self.range_max:
+            raise ValueError("consistency_top_k must be at most range_max (the dense search depth)")
+        from stages.filters import FilterSpecError, specs_from_config
+
+        try:
+            specs = specs_from_config(self)
+        except FilterSpecError as err:
+            raise ValueError(str(err)) from None
+        for spec in specs:
+            if spec["score"] == "cross_encoder" and not self.cross_encoder:
+                raise ValueError(f"filter {spec['name']} reads the cross_encoder score: give a cross_encoder")
+            if spec["score"] == "bm25" and "bm25" not in self.miners:
+                raise ValueError(f"filter {spec['name']} reads the bm25 score: add bm25 to miners")
+            if spec["type"] == "agreement" and len(self.miners) < 2:
+                raise ValueError(f"filter {spec['name']} needs two miners (miners: dense,bm25)")
         return self
 
     def check_inputs(self, require_out: bool = True) -> None:

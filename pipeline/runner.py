@@ -42,6 +42,22 @@ class RunResult:
         return [s.name for s in self.stages if not s.reused]
 
 
+def _test_pause(stage: str) -> None:
+    """Tests only: `HARDNEG_TEST_PAUSE_AT=<stage>[:seconds]` sleeps (default: an hour) after
+    `stage` computed its output into its temp folder and before it is committed, so a test can
+    SIGKILL the run at that exact point (tests/test_resume.py) or start a second run beside it
+    (tests/test_lock.py). Unset in normal use; costs one environment lookup per stage."""
+    spec = os.environ.get("HARDNEG_TEST_PAUSE_AT")
+    if not spec:
+        return
+    name, _, seconds = spec.partition(":")
+    if name == stage:
+        log.warning("test hook: pausing before committing %s (pid %d)", stage, os.getpid())
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        time.sleep(float(seconds or 3600))
+
+
 def default_work_dir(out: Path) -> Path:
     return Path(out).resolve().parent / ".hardneg-work"
 
@@ -93,6 +109,7 @@ class Pipeline:
                     info = {"rows": rows}
                 else:
                     info = stage.run(inputs, tmp) or {}
+                _test_pause(stage.name)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -154,8 +171,14 @@ class Pipeline:
         if ingest.info.get("corpus_rows", 0) == 0:
             raise ConfigError("the corpus is empty: no document survived ingest")
 
-        queries = self._run(self._embed("embed_queries", c.query_prompt, "query_id", keep=True), [ingest], {},
-                            map_input=ingest_dir / "queries")
+        if c.query_embeddings is not None:
+            from stages.precomputed import PrecomputedQueryVectors
+
+            queries = self._run(PrecomputedQueryVectors(Path(c.query_embeddings)), [ingest], {},
+                                map_input=ingest_dir / "queries", in_process=True)
+        else:
+            queries = self._run(self._embed("embed_queries", c.query_prompt, "query_id", keep=True), [ingest], {},
+                                map_input=ingest_dir / "queries")
         if c.corpus_embeddings is not None:
             from stages.precomputed import PrecomputedEmbeddings
 
@@ -198,7 +221,9 @@ class Pipeline:
         # threshold never starts Ray or a model worker.
         filtered = self._run(FilterStage(specs), [scored], {}, map_input=scored.path, in_process=True)
         sampled = self._run(
-            SampleStage(num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score),
+            SampleStage(num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,
+                        temperature=c.temperature, mmr_lambda=c.mmr_lambda, index_dir=index.path,
+                        consistency_top_k=c.consistency_top_k, consistency_min_score=c.consistency_min_score),
             [filtered], {}, map_input=filtered.path, in_process=True,
         )
         write = WriteStage(format=c.format, num_negatives=c.num_negatives, metadata_columns=c.metadata_columns, layout=c.layout)
@@ -231,6 +256,11 @@ class Pipeline:
             stats["stages"] = {r.name: {"reused": r.reused, "seconds": round(r.seconds, 3), "path": str(r.path)} for r in self.results}
             stats["config"] = self.config.model_dump(mode="json")
             write_json_atomic(tmp / "stats.json", stats)
+            if self.config.layout == "hub":
+                from pipeline.card import write_card
+
+                write_card(tmp, self.config, stats)
+            _test_pause(stage.name)
             commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION}, name=manifest.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.base import GlobalStage
+from stages.base import GlobalStage, MapStage, Resources
 from stages.ingest import file_fingerprint
 from stages.io import ShardWriter, iter_batches
 
@@ -64,3 +64,39 @@ class PrecomputedEmbeddings(GlobalStage):
                     writer.write(_normalised_table(batch.column("id").to_pylist(), flat.reshape(batch.num_rows, -1)))
             rows = writer.rows
         return {"vectors": rows}
+
+
+class PrecomputedQueryVectors(MapStage):
+    """`query_embeddings`: attach vectors made elsewhere to the queries table, by query id, in
+    place of the embed_queries stage (same output: the queries columns plus `embedding`)."""
+
+    name = "query_vectors"
+    version = "1"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.resources = Resources(num_cpus=1, batch_size=4096)
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        return PrecomputedEmbeddings(Path(self.path)).fingerprint_config()
+
+    def setup(self) -> None:
+        path = Path(self.path)
+        if path.suffix == ".npy":
+            self._vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+            with open(path.with_suffix(".ids.txt")) as handle:
+                self._row = {line.rstrip("\n"): i for i, line in enumerate(handle)}
+        else:
+            table = pq.read_table(path, columns=["id", "embedding"])
+            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            self._vectors = flat.reshape(table.num_rows, -1)
+            self._row = {doc_id: i for i, doc_id in enumerate(table.column("id").to_pylist())}
+
+    def transform(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("query_id").to_pylist()
+        missing = [i for i in ids if i not in self._row]
+        if missing:
+            raise ValueError(f"query_embeddings has no vector for {len(missing)} queries (e.g. {missing[0]!r})")
+        table = _normalised_table(ids, self._vectors[[self._row[i] for i in ids]])
+        return batch.append_column("embedding", table.column("embedding"))

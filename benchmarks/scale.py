@@ -1,0 +1,214 @@
+"""How hardneg's cost grows with the corpus: per-stage wall time and peak RSS (whole process
+tree, sampled from /proc by psutil) for synthetic corpora of 10k, 100k and 1M documents.
+
+Each size is mined by `hardneg mine` in a subprocess from precomputed vectors
+(`--corpus-embeddings`, `query_embeddings`: normalised Gaussian-mixture vectors, dim 384),
+with 10% as many queries, and BM25 over synthetic text with a Zipfian vocabulary
+(`--miners dense,bm25`). The approximate index's recall@100 against exact search is measured
+on 200 queries. `--embed` also times the embedding stage on short synthetic texts.
+
+    python benchmarks/scale.py --quick            # 10k documents: under two minutes
+    python benchmarks/scale.py                    # 10k, 100k, 1M
+    python benchmarks/scale.py --embed 10000,50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DIM = 384
+CHUNK = 100_000
+
+
+def zipf_words(rng: np.random.Generator, n_words: int, vocab: int = 50_000) -> np.ndarray:
+    return np.minimum(rng.zipf(1.2, size=n_words), vocab)
+
+
+def make_inputs(folder: Path, n_docs: int, n_queries: int, seed: int = 0) -> dict[str, Path]:
+    """A BEIR folder (text for BM25; each query judged against the document it was drawn near)
+    and .npy vectors with ids for corpus and queries, all written in chunks."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((1000, DIM)).astype(np.float32)
+    (folder / "beir" / "qrels").mkdir(parents=True)
+    corpus_npy = np.lib.format.open_memmap(folder / "corpus.npy", mode="w+", dtype=np.float32, shape=(n_docs, DIM))
+    with open(folder / "beir" / "corpus.jsonl", "w") as text, open(folder / "corpus.ids.txt", "w") as ids:
+        for start in range(0, n_docs, CHUNK):
+            n = min(CHUNK, n_docs - start)
+            vectors = centers[rng.integers(0, 1000, n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
+            corpus_npy[start:start + n] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+            words = zipf_words(rng, n * 12).reshape(n, 12)
+            for i in range(n):
+                doc_id = f"d{start + i}"
+                ids.write(doc_id + "\n")
+                text.write(json.dumps({"_id": doc_id, "title": "", "text": " ".join(f"w{w}" for w in words[i])}) + "\n")
+    corpus_npy.flush()
+    targets = rng.choice(n_docs, size=n_queries, replace=False)
+    base = np.asarray(corpus_npy[np.sort(targets)])
+    queries = base + 0.25 * rng.standard_normal(base.shape).astype(np.float32)
+    np.save(folder / "queries.npy", queries / np.linalg.norm(queries, axis=1, keepdims=True))
+    with open(folder / "beir" / "queries.jsonl", "w") as q, open(folder / "beir" / "qrels" / "test.tsv", "w") as qrels, \
+            open(folder / "queries.ids.txt", "w") as ids:
+        qrels.write("query-id\tcorpus-id\tscore\n")
+        words = zipf_words(rng, n_queries * 6).reshape(n_queries, 6)
+        for i, target in enumerate(np.sort(targets)):
+            ids.write(f"q{i}\n")
+            q.write(json.dumps({"_id": f"q{i}", "text": " ".join(f"w{w}" for w in words[i])}) + "\n")
+            qrels.write(f"q{i}\td{target}\t1\n")
+    return {"beir": folder / "beir", "corpus": folder / "corpus.npy", "queries": folder / "queries.npy"}
+
+
+class TreeRSS:
+    """Peak resident memory of a process and all its children, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.current = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.process, *self.process.children(recursive=True)]
+                total = 0
+                for proc in procs:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.current = total
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def take_peak(self) -> int:
+        peak, self.peak = self.peak, self.current
+        return peak
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[str, float, int]], float]:
+    cmd = [sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(inputs["beir"]), "--out", str(work / "out"),
+           "--work-dir", str(work / "work"), "--corpus-embeddings", str(inputs["corpus"]),
+           "--set", f"query_embeddings={inputs['queries']}", "--miners", "dense,bm25", "--num-negatives", "5",
+           "--runner", runner, "--log-level", "info"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    rss = TreeRSS(proc.pid)
+    stages = []
+    for line in proc.stderr:
+        match = re.match(r"(\S+)\s+done\s+\(\w+\) in ([\d.]+)s", line.strip())
+        if match:
+            stages.append((match.group(1), float(match.group(2)), rss.take_peak()))
+        elif "error" in line.lower():
+            print(line, end="", file=sys.stderr)
+    proc.wait()
+    rss.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"hardneg mine failed ({proc.returncode})")
+    return stages, time.perf_counter() - started
+
+
+def recall_at_100(work: Path, inputs: dict[str, Path], n: int = 200) -> tuple[float, str]:
+    import faiss
+
+    from stages.ann_index import AnnIndex, IndexConfig
+
+    index_dir = next((work / "work").glob("index-*"))
+    vectors = np.load(index_dir / "vectors.npy", mmap_mode="r")
+    queries = np.load(inputs["queries"])[:n]
+    ann = AnnIndex.load(index_dir / "faiss", IndexConfig())
+    _, found = ann.search(queries, 100)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    for start in range(0, len(vectors), CHUNK):
+        exact.add(np.ascontiguousarray(vectors[start:start + CHUNK]))
+    _, truth = exact.search(queries, 100)
+    hits = sum(len(set(f) & set(t)) for f, t in zip(found, truth))
+    return hits / truth.size, ann.description
+
+
+def embed_cost(n_texts: int) -> tuple[float, int]:
+    """Seconds per text and peak RSS for embedding `n_texts` short synthetic texts in-process."""
+    code = f"""
+import numpy as np, pyarrow as pa, time, resource
+from stages.embed import EmbedStage
+rng = np.random.default_rng(0)
+words = np.minimum(rng.zipf(1.2, size={n_texts} * 10), 50000).reshape({n_texts}, 10)
+stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", threads=2)
+stage.ensure_setup()
+start = time.perf_counter()
+for s in range(0, {n_texts}, 1024):
+    batch = pa.table({{"id": [str(i) for i in range(s, min(s + 1024, {n_texts}))], "text": [" ".join(f"w{{w}}" for w in row) for row in words[s:s + 1024]]}})
+    stage(batch)
+print(time.perf_counter() - start)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    rss = TreeRSS(proc.pid)
+    out, _ = proc.communicate()
+    rss.stop()
+    return float(out.strip().splitlines()[-1]) / n_texts, rss.peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10k documents only (CI)")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--query-ratio", type=float, default=0.1)
+    parser.add_argument("--runner", default="local")
+    parser.add_argument("--embed", default="", help="comma-separated text counts to time embedding on, e.g. 10000,50000")
+    opts = parser.parse_args()
+    sizes = [10_000] if opts.quick else [int(s) for s in opts.sizes.split(",")]
+    gib = 1024 ** 3
+    rows = []
+    for n_docs in sizes:
+        folder = Path(tempfile.mkdtemp(prefix=f"hardneg-scale-{n_docs}-"))
+        try:
+            t = time.perf_counter()
+            inputs = make_inputs(folder, n_docs, max(1, int(n_docs * opts.query_ratio)))
+            generate = time.perf_counter() - t
+            stages, total = mine(inputs, folder, opts.runner)
+            recall, description = recall_at_100(folder, inputs)
+            rows.append((n_docs, stages, total, recall, description))
+            print(f"\n{n_docs:,} documents x {int(n_docs * opts.query_ratio):,} queries (inputs generated in {generate:.0f}s); "
+                  f"index: {description}")
+            print(f"{'stage':<18}{'seconds':>10}{'peak RSS GiB':>14}")
+            for name, seconds, peak in stages:
+                print(f"{name:<18}{seconds:>10.1f}{peak / gib:>14.2f}")
+            peak = max(p for _, _, p in stages)
+            print(f"{'total':<18}{total:>10.1f}{peak / gib:>14.2f}   recall@100 {recall:.3f}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    if opts.embed:
+        print(f"\n{'texts':>8}{'ms/text':>10}{'peak RSS GiB':>14}")
+        for n in [int(x) for x in opts.embed.split(",")]:
+            per_text, peak = embed_cost(n)
+            print(f"{n:>8}{per_text * 1000:>10.2f}{peak / gib:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()

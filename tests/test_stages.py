@@ -1,0 +1,152 @@
+"""Each stage in-process on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import schemas
+from helpers import write_beir
+from pipeline.config import MineConfig
+from stages.ingest import IngestStage, content_id
+from stages.io import read_table
+
+
+def ingest(tmp_path: Path, **keys) -> tuple[Path, dict]:
+    out = tmp_path / "ingest"
+    out.mkdir()
+    info = IngestStage(MineConfig(out=tmp_path / "o", **keys)).run({}, out)
+    return out, info
+
+
+def tiny_beir(folder: Path) -> Path:
+    corpus = [{"_id": str(i), "title": f"t{i}", "text": f"document number {i}"} for i in range(1, 8)]
+    queries = [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}]
+    qrels = [("q1", "5", 2), ("q1", "3", 2), ("q1", "4", 1), ("q2", "7", 1), ("q2", "6", 0)]
+    return write_beir(folder, corpus, queries, qrels)
+
+
+def test_beir_best_positive_ties_to_lowest_id_and_masks_the_others(tmp_path):
+    out, info = ingest(tmp_path, beir=tiny_beir(tmp_path / "b"), positives="best")
+    queries = {r["query_id"]: r for r in read_table(out / "queries").to_pylist()}
+    assert queries["q1"]["positive_ids"] == ["3"]            # grade 2 tie between 5 and 3 -> lowest id
+    assert queries["q1"]["mask_ids"] == ["3", "4", "5"]      # the other judged positives stay masked
+    assert queries["q2"]["positive_ids"] == ["7"]             # grade 0 is not a positive
+    assert info["pairs"] == 2
+
+
+def test_hide_extra_positives_leaves_them_in_the_pool(tmp_path):
+    out, _ = ingest(tmp_path, beir=tiny_beir(tmp_path / "b"), positives="best", hide_extra_positives=True)
+    queries = {r["query_id"]: r for r in read_table(out / "queries").to_pylist()}
+    assert queries["q1"]["mask_ids"] == ["3"]
+
+
+def test_positives_all_makes_one_pair_per_judged_document(tmp_path):
+    out, info = ingest(tmp_path, beir=tiny_beir(tmp_path / "b"))
+    pairs = read_table(out / "pairs").to_pylist()
+    assert [(p["query_id"], p["positive_id"]) for p in pairs] == [("q1", "5"), ("q1", "3"), ("q1", "4"), ("q2", "7")]
+    corpus = read_table(out / "corpus").to_pylist()
+    assert corpus[0] == {"doc_id": "1", "text": "t1 document number 1"}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "datasets"])
+def test_pair_files_hash_ids_and_mask_all_positives_of_a_query(tmp_path, kind):
+    rows = [{"anchor": "what is lift", "positive": "lift is a force"},
+            {"anchor": "what is lift", "positive": "wings make lift"},
+            {"anchor": "what is drag", "positive": "drag resists motion"}]
+    path = tmp_path / "pairs"
+    if kind == "jsonl":
+        path = path.with_suffix(".jsonl")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "parquet":
+        path = path.with_suffix(".parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    out, info = ingest(tmp_path, pairs=path)
+    queries = read_table(out / "queries").to_pylist()
+    assert [q["query_id"] for q in queries] == [content_id("what is lift"), content_id("what is drag")]
+    assert sorted(queries[0]["mask_ids"]) == sorted([content_id("lift is a force"), content_id("wings make lift")])
+    assert read_table(out / "corpus").num_rows == 3
+    assert info["pairs"] == 3
+
+
+def test_pair_file_with_corpus_maps_identical_text_to_the_corpus_id(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"q": "what is lift", "p": "lift is a force"}) + "\n")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "d1", "text": "lift is a force"}) + "\n" + json.dumps({"_id": "d2", "text": "other"}) + "\n")
+    out, _ = ingest(tmp_path, pairs=pairs, corpus=corpus)
+    assert read_table(out / "pairs").column("positive_id").to_pylist() == ["d1"]
+    assert read_table(out / "corpus").num_rows == 2
+
+
+def test_pair_file_bad_rows_are_rejected_as_pairs(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b'{"q": "a", "p": "b"}\n{"q": \n{"q": "", "p": "x"}\n{"q": 3, "p": "x"}\n\xff\xfe\n')
+    out, info = ingest(tmp_path, pairs=pairs)
+    rejects = read_table(out / "rejects").to_pylist()
+    assert sorted(r["reason"] for r in rejects) == ["empty_text", "invalid_json", "invalid_utf8", "wrong_type"]
+    assert all(r["pair"] for r in rejects)
+    assert info["pairs"] == 1
+
+
+def test_embedding_does_not_depend_on_the_batch(tmp_path):
+    from stages.embed import EmbedStage
+
+    texts = ["a short text", "a much longer text about the lift of a wing in a slipstream " * 5, "drag", "another one"]
+    stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", micro_batch_size=2, threads=1)
+    stage.ensure_setup()
+    together = stage.encode(texts)
+    alone = np.vstack([stage.encode([t]) for t in texts])
+    shuffled = stage.encode(texts[::-1])[::-1]
+    assert np.array_equal(together, alone) and np.array_equal(together, shuffled)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    st = stage._model.encode(texts, normalize_embeddings=True)
+    assert (together * st).sum(axis=1).min() > 0.9999
+
+
+def mined_rows() -> pa.Table:
+    rows = []
+    for i, count in enumerate([3, 2]):
+        rows.append({
+            "pair_order": i, "pair_id": f"q{i}:p{i}", "query_id": f"q{i}", "query": f"query {i}",
+            "positive_id": f"p{i}", "positive": f"positive {i}", "positive_score": 0.9, "positive_ce_score": None,
+            "negative_ids": [f"n{i}{j}" for j in range(count)], "negatives": [f"negative {i}{j}" for j in range(count)],
+            "negative_scores": [0.5] * count, "negative_ranks": list(range(1, count + 1)), "negative_sources": [["dense"]] * count,
+            "negative_dense_scores": [0.5] * count, "negative_dense_ranks": list(range(1, count + 1)),
+            "negative_bm25_scores": None, "negative_bm25_ranks": None, "negative_ce_scores": None,
+            "negative_fused_ranks": list(range(1, count + 1)),
+        })
+    return pa.Table.from_pylist(rows, schema=schemas.MINED)
+
+
+@pytest.mark.parametrize("fmt, rows, columns", [
+    ("n-tuple", 2, ["query", "positive", "negative_1", "negative_2"]),
+    ("triplet", 4, ["query", "positive", "negative"]),
+    ("labeled-pair", 7, ["query", "passage", "label"]),
+    ("labeled-list", 2, ["query", "passages", "labels"]),
+])
+def test_output_formats(fmt, rows, columns):
+    from stages.write import to_format
+
+    mined = mined_rows()
+    if fmt in ("n-tuple", "triplet"):
+        # the writer rejects pairs short of K before formatting
+        mined = pa.Table.from_pylist([r for r in mined.to_pylist() if len(r["negative_ids"]) >= 2], schema=schemas.MINED)
+    table = to_format(mined, fmt, 2, metadata=True)
+    assert table.num_rows == rows
+    assert table.column_names[: len(columns)] == columns
+    if fmt == "labeled-list":
+        assert table.column("labels").to_pylist() == [[1, 0, 0, 0], [1, 0, 0]]
+    if fmt == "labeled-pair":
+        assert table.column("label").to_pylist() == [1, 0, 0, 0, 1, 0, 0]
+    plain = to_format(mined, fmt, 2, metadata=False)
+    assert plain.column_names == columns
