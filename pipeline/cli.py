@@ -63,6 +63,7 @@ def mine(
     set_: list[str] = typer.Option([], "--set", help="key=value (any config key, dotted for sections)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or logs"),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    push_to_hub: Optional[str] = typer.Option(None, help="after writing, upload OUT to this Hub dataset repo (user/name; implies --layout hub)"),
 ) -> None:
     _setup_logging(log_level, quiet)
     from pipeline.api import run_mine
@@ -72,13 +73,73 @@ def mine(
                      positives=positives, hide_extra_positives=hide_extra_positives, split=split, miners=miners,
                      cross_encoder=cross_encoder, corpus_embeddings=corpus_embeddings, model=model, layout=layout,
                      work_dir=work_dir, ray_address=ray_address, runner=runner, seed=seed)
+    if push_to_hub and layout is None:
+        overrides["layout"] = "hub"
     cfg = build_config(config, overrides, set_)
+    if push_to_hub and cfg.layout != "hub":
+        raise ConfigError("--push-to-hub uploads the hub layout: drop --layout disk")
     result = run_mine(cfg, progress=not quiet)
     reused = ", ".join(result.reused) or "none"
     log.info("reused stages: %s", reused)
     log.info("computed stages: %s", ", ".join(result.computed) or "none")
     if not quiet:
         print_summary(result)
+    if push_to_hub:
+        from pipeline.card import PushError, push_to_hub as push
+
+        try:
+            log.info("pushed %s to %s", result.out, push(result.out, push_to_hub))
+        except PushError as err:  # the output is complete: say so in one line, no traceback
+            print(f"hardneg: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+@app.command("eval")
+def eval_(
+    beir: Path = typer.Option(..., help="BEIR folder whose qrels judge the negatives"),
+    dataset: Path = typer.Option(..., help="a folder `hardneg mine` wrote"),
+    split: Optional[str] = typer.Option(None, help="qrels split (default: the one mined)"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+    model: Optional[str] = typer.Option(None, help="reference bi-encoder for hardness ranks (default all-MiniLM-L6-v2)"),
+    work_dir: Optional[Path] = typer.Option(None, help="cache of embeddings (default: the mining run's)"),
+    queries: Optional[Path] = typer.Option(None, help="evaluate only the query ids listed in this file (one a line)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, only --json"),
+    log_level: str = typer.Option("warning", help="debug | info | warning | error"),
+) -> None:
+    """False-negative rate, hardness and coverage of a mined dataset against BEIR judgements."""
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(name, value)  # eval shows no progress bars: only its tables
+    _setup_logging(log_level, quiet)
+    from pipeline.evaluate import EvalError, evaluate, print_report
+    from pipeline.store import write_json_atomic
+
+    query_ids = None
+    if queries is not None:
+        if not queries.is_file():
+            raise EvalError(f"query id file not found: {queries}")
+        query_ids = [line.strip() for line in queries.read_text().splitlines() if line.strip()]
+    result = evaluate(beir, dataset, split=split, model=model, work_dir=work_dir, query_ids=query_ids)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_file, result)
+    if not quiet:
+        print_report(result)
+
+
+@app.command("export")
+def export_(
+    out: Path = typer.Argument(..., help="a folder `hardneg mine` wrote (either --layout)"),
+    to: str = typer.Option(..., "--to", help="flagembedding | tevatron"),
+    out_file: Path = typer.Option(..., "--out", help="JSONL file to write (replaced atomically)"),
+    log_level: str = typer.Option("warning", help="debug | info | warning | error"),
+) -> None:
+    """Write a mined dataset as another trainer's training data (JSON lines)."""
+    _setup_logging(log_level, False)
+    from pipeline.export import export
+
+    rows = export(out, to, out_file)
+    print(f"wrote {rows} rows to {out_file}")
 
 
 def main() -> None:
@@ -95,6 +156,21 @@ def main() -> None:
             raise
         print(f"hardneg: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+@app.command("report")
+def report(
+    out: Path = typer.Argument(..., help="a folder `hardneg mine` wrote"),
+    html: Path = typer.Option(..., help="write the self-contained HTML page here"),
+    beir: Optional[Path] = typer.Option(None, help="BEIR folder: add the evaluation against its qrels"),
+    log_level: str = typer.Option("warning", help="debug | info | warning | error"),
+) -> None:
+    """An HTML page (plots inline) of a mined output: scores, filter decisions, negatives per
+    query, rejects and, with --beir, the evaluation."""
+    _setup_logging(log_level, False)
+    from pipeline.report import write_report
+
+    print(f"wrote {write_report(out, html, beir=beir)}")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,17 @@ def test_dockerfile_conventions(dockerfile):
     assert not any("-e" in argv or "--editable" in argv for argv in installs), "images install non-editable"
 
 
+def _image_ray_version() -> str:
+    versions = {m for f in DOCKERFILES for m in re.findall(r'"ray\[[\w,]*default[\w,]*\]==([\d.]+)"', f.read_text())}
+    assert len(versions) == 1, f"both images must pin the same ray[default]: {versions}"
+    return versions.pop()
+
+
+def test_images_pin_ray_with_dashboard():
+    """Cluster nodes need ray[default] (dashboard/job API on 8265, Ray client), one version everywhere."""
+    _image_ray_version()
+
+
 def test_cpu_image_uses_cpu_torch():
     runs = " ".join(args for k, args in _instructions(DOCKER / "Dockerfile.cpu") if k == "RUN")
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in runs
@@ -140,6 +151,9 @@ def test_compose_cluster():
         assert (DOCKER / service["build"]["context"] / service["build"]["dockerfile"]).resolve().is_file()
         assert "shared:/shared" in service["volumes"], f"{name} must mount the shared volume at /shared"
         assert "ports" not in service, f"{name} publishes ports on the host; use expose (private network)"
+        # Ray token authentication on every node and client, one shared secret from the caller.
+        assert service["environment"]["RAY_AUTH_MODE"] == "token", name
+        assert service["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
     assert "shared" in compose["volumes"]
 
     head = services["ray-head"]
@@ -172,5 +186,9 @@ def test_kuberay_rayjob():
         container = pod["containers"][0]
         assert {"name": "shared", "mountPath": "/shared"} in container["volumeMounts"]
         assert container["image"].split("/")[-1].startswith("hardneg-cpu:")
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in submitter["env"]
+    assert cluster["rayVersion"] == _image_ray_version()
     claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
