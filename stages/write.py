@@ -1,8 +1,10 @@
 """Write: turn the mined rows into a Hugging Face dataset in a sentence-transformers format,
 with the rejects and the statistics beside it.
 
-Pairs that cannot fill a `triplet`/`n-tuple` row (fewer than K surviving negatives) go to
-rejects as `short_of_negatives`; `labeled-*` formats keep what they have. The accounting
+Pairs whose positive failed the consistency check (flagged by the sample stage) go to rejects as
+`positive_inconsistent` (stage `consistency`), whatever the format. Pairs that cannot fill a
+`triplet`/`n-tuple` row (fewer than K surviving negatives) go to rejects as `short_of_negatives`;
+`labeled-*` formats keep what they have. The accounting
 identity `input pairs = output pairs + rejected pairs` is checked before anything is written.
 """
 
@@ -34,7 +36,7 @@ class AccountingError(RuntimeError):
 
 class WriteStage(GlobalStage):
     name = "write"
-    version = "1"
+    version = "2"
 
     def __init__(self, *, format: str, num_negatives: int, metadata_columns: bool, layout: str = "disk", card: dict | None = None) -> None:
         self.format = format
@@ -48,14 +50,22 @@ class WriteStage(GlobalStage):
 
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
         mined = read_table(inputs["mined"], schemas.MINED).sort_by("pair_order")
+        ingest_rejects = read_table(inputs["rejects"], schemas.REJECTS)
+        flagged = np.asarray(mined.column("inconsistent").fill_null(False).to_pylist(), dtype=bool)
+        new_rejects = [
+            {"stage": "consistency", "source": "candidates", "line": None, "id": r["pair_id"], "reason": "positive_inconsistent",
+             "detail": f"positive {r['positive_id']} ranks {r['positive_rank']} for its query (dense score "
+                       f"{'-' if r['positive_dense_score'] is None else format(r['positive_dense_score'], '.4f')})",
+             "pair": True}
+            for r in mined.filter(pa.array(flagged)).select(["pair_id", "positive_id", "positive_rank", "positive_dense_score"]).to_pylist()
+        ]
+        mined = mined.filter(pa.array(~flagged))
         mined = _join_texts(mined, inputs["corpus"])
         counts = mined.column("negative_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
         full = counts >= self.num_negatives
-        ingest_rejects = read_table(inputs["rejects"], schemas.REJECTS)
-        new_rejects = []
         if self.format in ("triplet", "n-tuple"):
             short = mined.filter(pa.array(~full))
-            new_rejects = [
+            new_rejects += [
                 {"stage": "sample", "source": "candidates", "line": None, "id": pid, "reason": "short_of_negatives",
                  "detail": f"{c} of {self.num_negatives} negatives survived the filters", "pair": True}
                 for pid, c in zip(short.column("pair_id").to_pylist(), counts[~full])
@@ -63,6 +73,7 @@ class WriteStage(GlobalStage):
             mined = mined.filter(pa.array(full))
         rejects = pa.concat_tables([ingest_rejects, pa.Table.from_pylist(new_rejects, schema=schemas.REJECTS)])
         stats = self._stats(mined, inputs, rejects, int((~full).sum()))
+        stats["pairs_inconsistent"] = int(flagged.sum())
         table = to_format(mined, self.format, self.num_negatives, self.metadata_columns)
         write_dataset(table, out_dir, self.layout)
         with ShardWriter(out_dir / "rejects", schemas.REJECTS, prefix="rejects") as writer:
@@ -214,4 +225,5 @@ def write_dataset(table: pa.Table, out_dir: Path, layout: str) -> None:
         (out_dir / "data").mkdir(parents=True, exist_ok=True)
         dataset.to_parquet(str(out_dir / "data" / "train-00000-of-00001.parquet"))
     else:
-        dataset.save_to_disk(str(out_dir))
+        # One shard at least: an empty dataset must still load.
+        dataset.save_to_disk(str(out_dir), num_shards=max(1, min(64, table.num_rows // 100_000 + 1)))

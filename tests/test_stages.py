@@ -150,3 +150,18 @@ def test_output_formats(fmt, rows, columns):
         assert table.column("label").to_pylist() == [1, 0, 0, 0, 1, 0, 0]
     plain = to_format(mined, fmt, 2, metadata=False)
     assert plain.column_names == columns
+
+
+@pytest.mark.gpu
+def test_cuda_embedding_matches_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    from stages.embed import EmbedStage
+
+    texts = ["lift of a wing", "boundary layer transition at hypersonic speeds"]
+    cpu = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text")
+    gpu = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", device="cuda", precision="fp16")
+    cpu.ensure_setup()
+    gpu.ensure_setup()
+    assert (cpu.encode(texts) * gpu.encode(texts)).sum(axis=1).min() > 0.999
