@@ -76,8 +76,12 @@ def mine(
     if push_to_hub and layout is None:
         overrides["layout"] = "hub"
     cfg = build_config(config, overrides, set_)
-    if push_to_hub and cfg.layout != "hub":
-        raise ConfigError("--push-to-hub uploads the hub layout: drop --layout disk")
+    if push_to_hub:
+        from pipeline.card import check_push
+
+        if cfg.layout != "hub":
+            raise ConfigError("--push-to-hub uploads the hub layout: drop --layout disk")
+        check_push(push_to_hub)
     result = run_mine(cfg, progress=not quiet)
     reused = ", ".join(result.reused) or "none"
     log.info("reused stages: %s", reused)

@@ -6,6 +6,7 @@ import errno
 
 from pipeline.config import ConfigError
 from pipeline.store import LockedError
+from stages.ingest import InputError
 from stages.models import ModelLoadError
 
 
@@ -15,13 +16,22 @@ def user_error_message(err: BaseException) -> str | None:
         return "aborted"
     if hasattr(err, "format_message") and hasattr(err, "exit_code"):
         return err.format_message()
-    if isinstance(err, (ConfigError, ModelLoadError, LockedError)):
+    if isinstance(err, (ConfigError, ModelLoadError, LockedError, InputError)):
         return str(err)
     if isinstance(err, OSError):
+        where = err.filename or "the output"
         if err.errno == errno.ENOSPC:
             return f"no space left on device ({err.filename or 'while writing'})"
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return f"cannot write {err.filename or 'the output'}: permission denied"
+        if err.errno == errno.EDQUOT:
+            return f"disk quota exceeded ({err.filename or 'while writing'})"
+        if err.errno == errno.EROFS:
+            return f"cannot write {where}: read-only file system"
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return f"cannot write {where}: permission denied"
+        if err.errno == errno.ENOTDIR:
+            return f"cannot write {where}: a part of the path is a file, not a folder"
+        if err.errno in (errno.EEXIST, errno.EISDIR):
+            return f"cannot write {where}: something else is in the way"
         if isinstance(err, FileNotFoundError):
             return f"file not found: {err.filename}"
     cause = err.__cause__ or err.__context__

@@ -16,6 +16,10 @@ from stages.io import count_rows, parquet_files
 
 log = logging.getLogger("hardneg")
 
+# Fault tolerance of map stages (tests/test_determinism.py kills a worker mid-stage).
+MAX_RESTARTS = 8  # per model worker (actor)
+MAX_RETRIES = 8  # per batch
+
 
 class _StageActor:
     def __init__(self, stage: MapStage) -> None:
@@ -30,6 +34,18 @@ def _run_task(batch, stage: MapStage):
     return stage(batch)
 
 
+def _job_env_vars() -> dict:
+    """Inside a Ray job (`ray job submit`), the env vars the job's runtime_env already sets: the
+    driver has them, and ray.init refuses to set one of them again."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 class RayExecutor:
     name = "ray"
 
@@ -42,11 +58,19 @@ class RayExecutor:
         import ray
 
         if not ray.is_initialized():
-            env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "HARDNEG_", "TRANSFORMERS_", "OMP_"))}
+            job_env = _job_env_vars()
+            env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "HARDNEG_", "TRANSFORMERS_", "OMP_"))
+                   and k not in job_env}
             kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
                           logging_level=logging.ERROR, runtime_env={"env_vars": env} if env else None)
             if self.address:
-                ray.init(address=self.address, **kwargs)
+                try:
+                    ray.init(address=self.address, **kwargs)
+                except (ConnectionError, TimeoutError, RuntimeError) as err:
+                    from pipeline.config import ConfigError
+
+                    first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:300]
+                    raise ConfigError(f"cannot join the Ray cluster at {self.address}: {first}") from None
             else:
                 ray.init(**kwargs)
             self._started = True
@@ -80,10 +104,17 @@ class RayExecutor:
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
                 num_cpus=1,
                 num_gpus=res.num_gpus or None,
+                # A dead worker (killed, OOM, lost node) is restarted and its batch retried: stages
+                # are pure functions of their batches, and a retried write overwrites its file.
+                # Bounded, so a batch that kills every worker it meets fails the run instead of
+                # retrying forever (Ray Data's default is -1, unbounded).
+                max_restarts=MAX_RESTARTS,
+                max_task_retries=MAX_RETRIES,
             )
         else:
             dataset = dataset.map_batches(
                 _run_task, fn_kwargs={"stage": stage}, batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus,
+                max_retries=MAX_RETRIES,
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         dataset.write_parquet(str(out_dir))

@@ -16,7 +16,7 @@ from pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerpr
 from stages.base import GlobalStage, MapStage, StageResult
 from stages.candidates import CandidatesStage
 from stages.embed import EmbedStage, default_threads
-from stages.filters import FilterStage, specs_from_config
+from stages.filters import FilterStage, reads_bm25, specs_from_config
 from stages.index import IndexStage
 from stages.ingest import IngestStage
 from stages.models import check_model, pick_device, pick_precision
@@ -56,6 +56,37 @@ def _test_pause(stage: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         time.sleep(float(seconds or 3600))
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output path hardneg must not replace: an existing file, or a folder with
+    anything in it that hardneg did not write (a run replaces its output folder whole)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"output {out} exists and is not a folder: refusing to replace it")
+    if out.is_dir() and not (out / "hardneg.json").is_file() and any(out.iterdir()):
+        raise ConfigError(f"output folder {out} exists and is not a hardneg output: refusing to replace it "
+                          "(give a new or empty folder)")
+
+
+def clean_output_temps(out: Path) -> int:
+    """Remove what a crashed write of `out` left beside it: its temp folder (`.tmp-NAME-PID`) and
+    a replaced output not yet deleted (`.tmp-old-NAME-XXXXXXXX`). Called under the output's lock,
+    so no live run is writing them; other outputs' temps in the same folder never match."""
+    removed = 0
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.iterdir():
+        name = path.name
+        mine = (name.startswith(f".tmp-{out.name}-") and name[len(f".tmp-{out.name}-"):].isdigit()) or (
+            name.startswith(f".tmp-old-{out.name}-") and len(name) - len(f".tmp-old-{out.name}-") == 8
+            and all(ch in "0123456789abcdef" for ch in name[len(f".tmp-old-{out.name}-"):]))
+        if mine:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def default_work_dir(out: Path) -> Path:
@@ -110,14 +141,14 @@ class Pipeline:
                 else:
                     info = stage.run(inputs, tmp) or {}
                 _test_pause(stage.name)
+                seconds = time.monotonic() - started
+                path = self.work.commit(tmp, stage.name, fp, {
+                    "config": stage.fingerprint_config(), "upstream": upstream,
+                    "code_version": CODE_VERSION, "seconds": seconds, "info": info,
+                })
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            seconds = time.monotonic() - started
-            path = self.work.commit(tmp, stage.name, fp, {
-                "config": stage.fingerprint_config(), "upstream": upstream,
-                "code_version": CODE_VERSION, "seconds": seconds, "info": info,
-            })
             result = StageResult(stage.name, path, fp, reused=False, seconds=seconds, info=info)
             log.info("%-16s done    (%s) in %.1fs", stage.name, fp[:12], seconds)
         self.results.append(result)
@@ -126,11 +157,14 @@ class Pipeline:
     # ------------------------------------------------------------------ the plan
     def run(self) -> RunResult:
         c = self.config
+        # Checks that need no file written: a run that cannot succeed leaves nothing behind.
+        check_model(c.model, "embedding")
+        if c.cross_encoder:
+            check_model(c.cross_encoder, "cross-encoder")
+        check_output(self.out)
         with self.work.lock(), FileLock(self.out.parent / f".{self.out.name}.lock", f"output {self.out}"):
             self.work.clean_temps()
-            check_model(c.model, "embedding")
-            if c.cross_encoder:
-                check_model(c.cross_encoder, "cross-encoder")
+            clean_output_temps(self.out)
             try:
                 return self._run_all()
             finally:
@@ -165,11 +199,12 @@ class Pipeline:
         ingest = self._run(ingest_stage, [], {})
         corpus_fp = ingest_stage.corpus_fingerprint()
         ingest_dir = ingest.path
+        # An empty corpus first: it is the cause when every judgement points at a missing document.
+        if ingest.info.get("corpus_rows", 0) == 0:
+            raise ConfigError("the corpus is empty: no document survived ingest")
         if ingest.info.get("pairs", 0) == 0:
             raise ConfigError("no usable pairs in the input (rejects by reason: "
                               + ", ".join(f"{k}={v}" for k, v in ingest.info.get("rejects", {}).items()) + ")")
-        if ingest.info.get("corpus_rows", 0) == 0:
-            raise ConfigError("the corpus is empty: no document survived ingest")
 
         if c.query_embeddings is not None:
             from stages.precomputed import PrecomputedQueryVectors
@@ -195,7 +230,9 @@ class Pipeline:
         ingest_dir = ingest.path
         bm25 = None
         upstream = [queries, index]
-        if "bm25" in c.miners:
+        # BM25 mines candidates (a miner) or only scores the dense ones (a filter reads bm25).
+        score_bm25 = reads_bm25(c)
+        if "bm25" in c.miners or score_bm25:
             from stages.bm25_miner import BM25IndexStage
 
             bm25 = self._run(BM25IndexStage(c.bm25), [corpus_fp], {"corpus": ingest_dir / "corpus"})
@@ -203,7 +240,7 @@ class Pipeline:
         candidates = self._run(
             CandidatesStage(miners=c.miners, range_max=c.range_max, rrf_k=c.rrf_k, index_dir=index.path,
                             index_config=c.index, bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25,
-                            threads=self.threads, max_workers=c.workers),
+                            threads=self.threads, max_workers=c.workers, score_bm25=score_bm25),
             upstream, {}, map_input=queries.path,
         )
         specs = specs_from_config(c)

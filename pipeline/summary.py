@@ -6,8 +6,13 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _table(title: str) -> Table:
+    """A table whose left-justified title never wraps: at least as wide as its title."""
+    return Table(title=title, title_justify="left", min_width=len(title) + 2)
+
+
 def _score_table(title: str, rows: dict[str, dict]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = _table(title)
     columns = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
     table.add_column("")
     for column in columns:
@@ -35,7 +40,7 @@ def print_summary(result, console: Console | None = None) -> None:
     for source, values in stats.get("scores_per_source", {}).items():
         scores[f"negative ({source})"] = values
     console.print(_score_table("Scores", scores))
-    decisions = Table(title="Candidates by decision", title_justify="left")
+    decisions = _table("Candidates by decision")
     decisions.add_column("decision")
     decisions.add_column("count", justify="right")
     for decision, count in stats.get("decisions", {}).items():
@@ -44,7 +49,7 @@ def print_summary(result, console: Console | None = None) -> None:
     console.print(f"pairs short of negatives: {stats.get('pairs_short_of_negatives', 0)}")
     rejects = stats.get("rejects", {})
     if rejects:
-        table = Table(title="Rejects by reason", title_justify="left")
+        table = _table("Rejects by reason")
         table.add_column("reason")
         table.add_column("count", justify="right")
         for reason, count in sorted(rejects.items()):

@@ -49,11 +49,15 @@ def embeddings_schema(dim: int) -> pa.Schema:
 
 # Candidates of one query: the QUERIES columns plus, per candidate (aligned lists), where it came
 # from and how every miner scored it. A score or rank is null where that source did not find it.
+# `positive_ranks` (aligned with positive_ids): each positive's dense rank among the whole corpus
+# for its query, 1 + the number of documents scoring higher. `positive_similarity` (aligned with
+# candidate_ids): each candidate's highest document-document cosine to the query's positives.
 CANDIDATES = pa.schema(
     list(QUERIES)
     + [
         ("positive_dense_scores", _floats),
         ("positive_bm25_scores", _floats),
+        ("positive_ranks", _ints),
         ("candidate_ids", _ids),
         ("sources", pa.list_(pa.list_(pa.string()))),
         ("dense_scores", _floats),
@@ -61,6 +65,7 @@ CANDIDATES = pa.schema(
         ("bm25_scores", _floats),
         ("bm25_ranks", _ints),
         ("fused_ranks", _ints),
+        ("positive_similarity", _floats),
     ]
 )
 
@@ -96,6 +101,12 @@ MINED = pa.schema(
         ("negative_bm25_ranks", _ints),
         ("negative_ce_scores", _floats),
         ("negative_fused_ranks", _ints),
+        # The positive consistency check (consistency_top_k / consistency_min_score): the
+        # positive's dense score and corpus rank, and whether the pair fails the check (the writer
+        # routes failing pairs to rejects as positive_inconsistent).
+        ("positive_dense_score", pa.float32()),
+        ("positive_rank", pa.int32()),
+        ("inconsistent", pa.bool_()),
     ]
 )
 

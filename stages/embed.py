@@ -86,11 +86,17 @@ class EmbedStage(MapStage):
             # Fixed thread count: the same arithmetic whichever runner hosts this worker.
             torch.set_num_threads(max(1, int(self.threads)))
         self._torch = torch
-        self._model = SentenceTransformer(
-            resolve_model(self.model),
-            device=self.device,
-            trust_remote_code=self.trust_remote_code,
-        )
+        try:
+            self._model = SentenceTransformer(
+                resolve_model(self.model),
+                device=self.device,
+                trust_remote_code=self.trust_remote_code,
+            )
+        except Exception as err:  # noqa: BLE001 - any failure to load is the model's: one line, exit 2
+            from stages.models import ModelLoadError
+
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise ModelLoadError(f"embedding model {self.model!r} cannot be loaded: {err.__class__.__name__}: {first}") from None
         if self.max_seq_length:
             self._model.max_seq_length = self.max_seq_length
         self._model.eval()

@@ -24,6 +24,27 @@ from stages.io import ShardWriter
 MAX_TEXT_CHARS = 1_000_000  # longer texts are truncated by the models anyway; keep memory sane
 
 
+class InputError(ValueError):
+    """An input file that cannot be read at all (not a bad row: those are rejects). Reported in
+    one line with exit code 2."""
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """JSON may spell a lone UTF-16 surrogate (`"\\ud800"`): valid JSON, but no UTF-8 text, so no
+    Arrow string can hold it. True if any string in `value` (keys included) has one."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 def content_id(text: str) -> str:
     """A stable id for a text that came without one."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
@@ -70,7 +91,8 @@ def _iter_jsonl(path: Path, rejects: Rejects, pair: bool = False) -> Iterator[tu
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                # A byte order mark may open the file; nowhere else is it valid.
+                obj = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError:
                 rejects.add(path.name, number, None, "invalid_utf8", pair=pair)
                 continue
@@ -79,6 +101,9 @@ def _iter_jsonl(path: Path, rejects: Rejects, pair: bool = False) -> Iterator[tu
                 continue
             if not isinstance(obj, dict):
                 rejects.add(path.name, number, None, "not_an_object", pair=pair)
+                continue
+            if _has_lone_surrogate(obj):
+                rejects.add(path.name, number, None, "invalid_unicode", "a lone surrogate escape (\\udXXX)", pair=pair)
                 continue
             yield number, obj
 
@@ -187,7 +212,8 @@ class IngestStage(GlobalStage):
                 continue
             text = _as_text(obj.get("title"), obj.get(text_key)) if id_key == "_id" else _as_text(obj.get(text_key))
             if text is None:
-                rejects.add(path.name, line, doc_id, "empty_text" if not _wrong_type(obj, text_key) else "wrong_type")
+                wrong = _wrong_type(obj, text_key) or (id_key == "_id" and _wrong_type(obj, "title"))
+                rejects.add(path.name, line, doc_id, "wrong_type" if wrong else "empty_text")
                 continue
             if doc_id in seen.corpus_ids:
                 rejects.add(path.name, line, doc_id, "duplicate_id", "the first occurrence wins")
@@ -224,7 +250,7 @@ class IngestStage(GlobalStage):
         with open(folder / qrels_name, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
                 except UnicodeDecodeError:
                     rejects.add(qrels_name, number, None, "invalid_utf8", pair=per_judgement)
                     continue
@@ -275,7 +301,7 @@ class IngestStage(GlobalStage):
         if c.corpus is not None:
             path = Path(c.corpus)
             if path.suffix == ".parquet":
-                seen = self._read_corpus_table(pq.read_table(path), path.name, corpus, rejects)
+                seen = self._read_corpus_table(_read_parquet(path, "corpus"), path.name, corpus, rejects)
             else:
                 seen = self._read_corpus_jsonl(path, corpus, rejects, c.corpus_id_column, c.corpus_text_column)
         pairs: list[tuple[str, str]] = []
@@ -337,7 +363,7 @@ class IngestStage(GlobalStage):
         c = self.config
         seen = _Collected()
         if c.corpus_id_column not in table.column_names or c.corpus_text_column not in table.column_names:
-            raise ValueError(f"corpus {name}: needs columns {c.corpus_id_column!r} and {c.corpus_text_column!r}")
+            raise InputError(f"corpus {name}: needs columns {c.corpus_id_column!r} and {c.corpus_text_column!r}")
         rows = []
         for number, (raw_id, raw_text) in enumerate(
             zip(table.column(c.corpus_id_column).to_pylist(), table.column(c.corpus_text_column).to_pylist()), start=1
@@ -381,6 +407,13 @@ class IngestStage(GlobalStage):
         return {"pairs": len(pairs), "queries": len(grouped)}
 
 
+def _read_parquet(path: Path, what: str) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, UnicodeDecodeError) as err:
+        raise InputError(f"{what} file {path}: not a readable Parquet file ({err.__class__.__name__}: {str(err)[:200]})") from None
+
+
 def _wrong_type(obj: dict, key: str) -> bool:
     value = obj.get(key)
     return value is not None and not isinstance(value, str)
@@ -398,20 +431,25 @@ def _iter_pair_rows(path: Path, rejects: Rejects) -> Iterator[tuple[int | None, 
         try:
             dataset = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - any unreadable folder is a user error
-            raise ValueError(f"pair folder {path}: not a datasets save_to_disk folder ({err.__class__.__name__})") from None
+            raise InputError(f"pair folder {path}: not a datasets save_to_disk folder ({err.__class__.__name__})") from None
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[next(iter(dataset))]
         columns = list(dataset.column_names)
         for number, row in enumerate(dataset.iter(batch_size=1), start=1):
             yield number, {k: v[0] for k, v in row.items()}, columns
     elif path.suffix == ".parquet":
-        parquet = pq.ParquetFile(path)
-        columns = parquet.schema_arrow.names
-        number = 0
-        for batch in parquet.iter_batches(batch_size=10_000):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row, columns
+        try:
+            parquet = pq.ParquetFile(path)
+            columns = parquet.schema_arrow.names
+            batches = parquet.iter_batches(batch_size=10_000)
+            number = 0
+            for batch in batches:
+                rows = batch.to_pylist()
+                for row in rows:
+                    number += 1
+                    yield number, row, columns
+        except (pa.ArrowException, UnicodeDecodeError) as err:
+            raise InputError(f"pair file {path}: not a readable Parquet file ({err.__class__.__name__}: {str(err)[:200]})") from None
     else:
         columns: list[str] = []
         for number, obj in _iter_jsonl(path, rejects, pair=True):

@@ -66,6 +66,16 @@ def check_model(name: str, kind: str) -> None:
     looks_local = path.is_absolute() or resolved.startswith((".", "~")) or path.exists()
     if looks_local and not (path / "config.json").exists() and not (path / "modules.json").exists():
         raise ModelLoadError(f"{kind} model {name!r}: no model found at {path}")
+    if looks_local:
+        # A broken config would only fail inside a worker (on Ray, as an opaque actor death).
+        import json
+
+        for config in ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+            if (path / config).is_file():
+                try:
+                    json.loads((path / config).read_text(encoding="utf-8"))
+                except (OSError, ValueError) as err:
+                    raise ModelLoadError(f"{kind} model {name!r}: unreadable {path / config} ({err.__class__.__name__})") from None
     if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
         if _hub_revision(resolved) == "unknown":
             raise ModelLoadError(
