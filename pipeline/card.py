@@ -17,11 +17,12 @@ from typing import Any
 
 import yaml
 
+log = logging.getLogger("hardneg")
+
 DATA_GLOB = "data/*.parquet"
 TAGS = ["hard-negatives", "sentence-transformers", "hardneg"]
-log = logging.getLogger("hardneg")
-_TEXT_COLUMNS = {"query", "positive", "negative", "passage", "label", "passages", "labels"}
 TASK_CATEGORIES = ["sentence-similarity", "text-retrieval"]
+_TEXT_COLUMNS = {"query", "positive", "negative", "passage", "label", "passages", "labels"}
 
 # Keys that say where and how a run executed, not what it produced: left out of the card so
 # a re-run on another machine (which reuses the output) never disagrees with it.
@@ -53,8 +54,18 @@ def card_config(config: Any) -> dict[str, Any]:
             continue
         if key in _PATH_KEYS and value is not None:
             value = Path(value).name
+        if key in ("model", "cross_encoder") and value is not None:
+            value = public_model_name(value)
         out[key] = value
     return out
+
+
+def public_model_name(name: str) -> str:
+    """A hub id as is; a local model folder by its name (its identity is the content hash)."""
+    path = Path(name)
+    if path.is_absolute() or name.startswith((".", "~")) or path.is_dir():
+        return path.name
+    return name
 
 
 def model_rows(config: Any) -> list[dict[str, str]]:
@@ -76,7 +87,7 @@ def model_rows(config: Any) -> list[dict[str, str]]:
             ident = f"content `{identity['content']}`"
         else:
             ident = "unknown"
-        rows.append({"role": role, "model": str(name), "identity": ident})
+        rows.append({"role": role, "model": public_model_name(str(name)), "identity": ident})
     return rows
 
 

@@ -6,7 +6,7 @@ import errno
 
 from pipeline.config import ConfigError
 from pipeline.store import LockedError
-from stages.ingest import InputError
+from stages.base import InputError
 from stages.models import ModelLoadError
 
 

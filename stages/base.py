@@ -16,6 +16,11 @@ from typing import Any
 import pyarrow as pa
 
 
+class InputError(ValueError):
+    """An input that cannot be used at all (not a bad row: those are rejects), such as an
+    unreadable file. Reported in one line with exit code 2 (pipeline/errors.py)."""
+
+
 @dataclass
 class Resources:
     num_cpus: float = 1.0

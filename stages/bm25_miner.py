@@ -81,6 +81,12 @@ import Stemmer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rank_bm25 import BM25Okapi
 
+from stages.base import InputError
+
+# A user error (one line, exit 2), not a crash: BM25 has nothing to index.
+_NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or the score a filter reads) "
+              "cannot index it; drop bm25 from miners and filters")
+
 # bm25s's default (= scikit-learn's) word pattern: runs of >= 2 word characters.
 _TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 _EPSILON = 0.25  # BM25Okapi's default idf floor factor; we mirror it exactly.
@@ -153,7 +159,7 @@ def _okapi_bm25s(corpus: list[list[str]], k1: float, b: float) -> bm25s.BM25:
         (vocab.setdefault(t, len(vocab)) for doc in corpus for t in doc), dtype=np.int64
     )
     if not vocab:
-        raise ValueError("the corpus has no tokens after tokenisation")
+        raise InputError(_NO_TOKENS)
     doc_len = np.fromiter((len(doc) for doc in corpus), dtype=np.int64, count=n_docs)
     doc_of_tok = np.repeat(np.arange(n_docs, dtype=np.int64), doc_len)
 
@@ -229,7 +235,7 @@ class BM25Index:
         if cfg.engine == "bm25s":
             return cls(cfg, doc_ids, retriever=_okapi_bm25s(tokens, cfg.k1, cfg.b))
         if not any(tokens):
-            raise ValueError("the corpus has no tokens after tokenisation")
+            raise InputError(_NO_TOKENS)
         okapi = BM25Okapi(tokens, k1=cfg.k1, b=cfg.b, epsilon=_EPSILON)
         return cls(cfg, doc_ids, okapi=okapi, corpus_tokens=tokens)
 

@@ -75,7 +75,10 @@ class CandidatesStage(MapStage):
         self._doc_ids = np.array(read_table(index_dir / "ids").column("doc_id").to_pylist(), dtype=object)
         self._scan = len(self._doc_ids) <= int(getattr(self.index_config, "exact_threshold", 0))
         self._row_of = {doc_id: row for row, doc_id in enumerate(self._doc_ids)}
-        self._ann = AnnIndex.load(index_dir / "faiss", self.index_config) if "dense" in self.miners else None
+        # The dense search also ranks the positives: loaded without the dense miner too when the
+        # corpus is too large for an exact scan.
+        need_ann = "dense" in self.miners or not self._scan
+        self._ann = AnnIndex.load(index_dir / "faiss", self.index_config) if need_ann else None
         self._bm25 = None
         if self.score_bm25:
             from stages.bm25_miner import BM25Index
@@ -141,6 +144,8 @@ class CandidatesStage(MapStage):
                 for slot, (row, score) in enumerate(zip(pos_rows[i], pos_scores[i])):
                     if row in valid:
                         pos_ranks[i][slot] = 1 + int(np.count_nonzero((scores > score) & (valid != row)))
+                if "dense" not in self.miners:
+                    continue
                 ids = self._doc_ids[valid]
                 order = sorted(range(len(valid)), key=lambda j: (-scores[j], ids[j]))
                 ranked = [(ids[j], float(scores[j])) for j in order if ids[j] not in masks[i]]
@@ -154,7 +159,7 @@ class CandidatesStage(MapStage):
         missing = {i: [(slot, int(pos_rows[i][slot]), float(pos_scores[i][slot])) for slot, r in enumerate(pos_ranks[i]) if r is None]
                    for i in range(n)}
         missing = {i: v for i, v in missing.items() if v}
-        if self._scan or self._ann is None:
+        if self._scan:
             for (i, slot), rank in self._scan_ranks(queries, missing).items():
                 pos_ranks[i][slot] = rank
         else:

@@ -18,15 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from stages.base import GlobalStage
+from stages.base import GlobalStage, InputError  # noqa: F401 - InputError: raised here, re-exported
 from stages.io import ShardWriter
 
 MAX_TEXT_CHARS = 1_000_000  # longer texts are truncated by the models anyway; keep memory sane
-
-
-class InputError(ValueError):
-    """An input file that cannot be read at all (not a bad row: those are rejects). Reported in
-    one line with exit code 2."""
 
 
 def _has_lone_surrogate(value: Any) -> bool:

@@ -62,7 +62,7 @@ class Run:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, env=env(**env_extra), cwd=ROOT,
                                      start_new_session=True)
-        self.leaked: list[str] = []
+        self.orphans: list[psutil.Process] = []
 
     @property
     def stderr(self) -> str:
@@ -86,9 +86,10 @@ class Run:
             if not handle.closed:
                 handle.close()
 
-    def kill(self, grace: float = 20.0) -> list[str]:
-        """SIGKILL the run. Processes it started (a local Ray) must go with it; any still alive
-        after `grace` seconds are killed by pid and returned (a leak)."""
+    def kill(self, grace: float = 5.0) -> list[psutil.Process]:
+        """SIGKILL the run; returns the processes it had started that are still alive `grace`
+        seconds later. A local Ray's agents and workers notice their raylet died on their own
+        schedule (up to about a minute here): `reap()` later checks they did go."""
         try:
             tree = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -96,7 +97,13 @@ class Run:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
         self._close()
-        gone, alive = psutil.wait_procs(tree, timeout=grace)
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        self.orphans = alive
+        return alive
+
+    def reap(self, timeout: float = 120.0) -> list[str]:
+        """Wait for the killed run's orphans to exit; kill (by pid) and return any still alive."""
+        _, alive = psutil.wait_procs(getattr(self, "orphans", []), timeout=timeout)
         leaked = []
         for proc in alive:
             try:
@@ -104,7 +111,6 @@ class Run:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        self.leaked = leaked
         return leaked
 
     def wait_for_stderr(self, pattern: str, timeout: float = 600) -> re.Match:
@@ -503,6 +509,15 @@ def cli_in_process(args: list[str]) -> tuple[int, str]:
 
     from pipeline.cli import main
 
+    # `-q` turns progress bars off through environment variables that libraries read when first
+    # imported; in this process they may have been imported already.
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     err, out = io.StringIO(), io.StringIO()
     with mock.patch.object(sys, "argv", ["hardneg", *args]), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
