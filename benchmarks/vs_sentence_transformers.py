@@ -7,7 +7,8 @@ query with its best-graded document, only that positive masked (hardneg: --posit
 * sentence-transformers, cold (model loading included);
 * hardneg cold: empty work dir, Ray start included (`hardneg mine` as a subprocess);
 * hardneg warm: the same work dir, only a filter changed (relative_margin);
-* agreement: share of identical negatives per pair between the two at identical settings.
+* agreement: share of identical negatives per pair when hardneg runs sentence-transformers'
+  settings (dense only, range_min=0, no false-negative filters, top sampling).
 
     python benchmarks/vs_sentence_transformers.py [--runner ray|local] [--beir examples/cranfield]
 """
@@ -80,8 +81,11 @@ def main() -> None:
                   "--set", "precision=fp32"]
         cold = hardneg([*common, "--out", str(work / "cold")])
         warm = hardneg([*common, "--out", str(work / "warm"), "--set", "relative_margin=0.05"])
+        # Identical settings to sentence-transformers: dense only, no false-negative filters.
+        same_settings = hardneg([*common, "--out", str(work / "same"), "--miners", "dense", "--set", "range_min=0",
+                                 "--set", "filters=[]", "--set", "sampling_strategy=top"])
 
-        ours = datasets.load_from_disk(str(work / "cold"))
+        ours = datasets.load_from_disk(str(work / "same"))
         st_rows = {row["query"]: {row[f"negative_{i}"] for i in range(1, 6)} for row in st}
         same = total = 0
         for row in ours:
@@ -95,6 +99,7 @@ def main() -> None:
         print(f"{'sentence-transformers mine_hard_negatives':<44}{st_seconds:>10.1f}{1.0:>11.2f}x")
         print(f"{'hardneg mine, cold (empty cache, Ray start)':<44}{cold:>10.1f}{st_seconds / cold:>11.2f}x")
         print(f"{'hardneg mine, warm (relative_margin changed)':<44}{warm:>10.1f}{st_seconds / warm:>11.2f}x")
+        print(f"{'hardneg mine, ST settings (cached embeddings)':<44}{same_settings:>10.1f}{st_seconds / same_settings:>11.2f}x")
         print(f"agreement at identical settings: {same}/{total} negatives = {same / max(total, 1):.3f}")
         print(f"rows: sentence-transformers {len(st)}, hardneg {ours.num_rows}")
     finally:
