@@ -260,7 +260,8 @@ class Pipeline:
         sampled = self._run(
             SampleStage(num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,
                         temperature=c.temperature, mmr_lambda=c.mmr_lambda, index_dir=index.path,
-                        consistency_top_k=c.consistency_top_k, consistency_min_score=c.consistency_min_score),
+                        consistency_top_k=c.consistency_top_k, consistency_min_score=c.consistency_min_score,
+                        quotas=c.quotas),
             [filtered], {}, map_input=filtered.path, in_process=True,
         )
         write = WriteStage(format=c.format, num_negatives=c.num_negatives, metadata_columns=c.metadata_columns, layout=c.layout)

@@ -80,8 +80,10 @@ class SampleStage(MapStage):
 
     def __init__(self, *, num_negatives: int, strategy: str, seed: int, score: str, temperature: float = 0.05,
                  mmr_lambda: float = 0.7, index_dir: Path | None = None, consistency_top_k: int | None = None,
-                 consistency_min_score: float | None = None, batch_size: int = 1024) -> None:
+                 consistency_min_score: float | None = None, quotas: dict[str, int] | None = None,
+                 batch_size: int = 1024) -> None:
         super().__init__()
+        self.quotas = dict(quotas or {})
         self.num_negatives = num_negatives
         self.strategy = strategy
         self.seed = seed
@@ -102,6 +104,8 @@ class SampleStage(MapStage):
             config["temperature"] = self.temperature
         if self.strategy == "mmr":
             config["mmr_lambda"] = self.mmr_lambda
+        if self.quotas:
+            config["quotas"] = self.quotas
         if self.consistency_top_k is not None or self.consistency_min_score is not None:
             config["consistency"] = [self.consistency_top_k, self.consistency_min_score]
         return config
@@ -140,6 +144,31 @@ class SampleStage(MapStage):
             raise ValueError(f"unknown sampling strategy {self.strategy!r}")
         return [kept[j] for j in sorted(picked)]
 
+    def choose_with_quotas(self, kept: list[int], sources: list[list[str]], pair_id: str, scores: list | None,
+                           cosines: np.ndarray | None) -> list[int]:
+        """Per-source quotas (e.g. 3 dense + 2 bm25): each source first gets its best-ranked
+        survivors up to its quota, in the quotas' order; the rest of K comes from the sampling
+        strategy over the remaining survivors. Negatives come back in rank order."""
+        if not self.quotas:
+            return self.choose(kept, pair_id, scores, cosines)
+        chosen: list[int] = []
+        for source, quota in self.quotas.items():
+            pool = [j for j in kept if source in (sources[j] or []) and j not in chosen]
+            chosen += pool[:quota]
+        chosen = chosen[: self.num_negatives]
+        missing = self.num_negatives - len(chosen)
+        if missing > 0:
+            positions = [i for i, j in enumerate(kept) if j not in chosen]
+            rest = [kept[i] for i in positions]
+            rest_scores = [scores[i] for i in positions] if scores is not None else None
+            rest_cosines = cosines[np.ix_(positions, positions)] if cosines is not None else None
+            saved, self.num_negatives = self.num_negatives, missing
+            try:
+                chosen += self.choose(rest, pair_id, rest_scores, rest_cosines)
+            finally:
+                self.num_negatives = saved
+        return sorted(chosen)
+
     def _inconsistent(self, rank: int | None, score: float | None) -> bool:
         if self.consistency_top_k is not None and (rank is None or rank > self.consistency_top_k):
             return True
@@ -162,7 +191,7 @@ class SampleStage(MapStage):
             for pair_id, order, positive_id, positive_index in zip(
                 row["pair_ids"], row["pair_order"], row["positive_ids"], range(len(row["pair_ids"]))
             ):
-                chosen = self.choose(kept, pair_id, kept_scores, cosines)
+                chosen = self.choose_with_quotas(kept, row["sources"], pair_id, kept_scores, cosines)
                 dense_score = dense_positive[positive_index] if dense_positive else None
                 positive_rank = positive_ranks[positive_index] if positive_ranks else None
 

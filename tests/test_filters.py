@@ -386,3 +386,16 @@ def test_candidates_positive_ranks_and_similarity(tmp_path, exact_threshold):
         sims = (docs[[ids.index(c) for c in row["candidate_ids"]]] @ pos.T).max(axis=1)
         np.testing.assert_allclose(row["positive_similarity"], sims, atol=1e-6)
         assert len(row["candidate_ids"]) == 20 and not set(row["candidate_ids"]) & set(positives[q])
+
+
+def test_quotas_take_each_sources_best_then_fill_in_rank_order():
+    from stages.sample import SampleStage
+
+    stage = SampleStage(num_negatives=4, strategy="top", seed=0, score="dense", quotas={"bm25": 2, "dense": 1})
+    sources = [["dense"], ["dense"], ["dense", "bm25"], ["dense"], ["bm25"], ["bm25"]]
+    kept = [0, 1, 2, 3, 4, 5]
+    # bm25 quota: 2 and 4; dense quota: 0; one more from the rest by rank: 1
+    assert stage.choose_with_quotas(kept, sources, "q:p", None, None) == [0, 1, 2, 4]
+    # a quota larger than its pool is filled from the rest
+    stage = SampleStage(num_negatives=3, strategy="top", seed=0, score="dense", quotas={"bm25": 5})
+    assert stage.choose_with_quotas([0, 1, 3], sources, "q:p", None, None) == [0, 1, 3]
