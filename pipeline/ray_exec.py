@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from stages.base import MapStage
@@ -21,16 +22,33 @@ MAX_RESTARTS = 8  # per model worker (actor)
 MAX_RETRIES = 8  # per batch
 
 
+def _test_batch_delay(stage: MapStage) -> None:
+    """Tests only: `HARDNEG_TEST_BATCH_DELAY=<stage>:<seconds>` makes every worker of that stage
+    touch `$HARDNEG_TEST_MARK_DIR/<stage>-<pid>` (when set) and sleep before each batch, so a test
+    can SIGKILL a worker in the middle of a batch (tests/test_determinism.py). Unset in normal
+    use; costs one environment lookup per batch."""
+    spec = os.environ.get("HARDNEG_TEST_BATCH_DELAY")
+    if not spec:
+        return
+    name, _, seconds = spec.partition(":")
+    if name == stage.name:
+        if os.environ.get("HARDNEG_TEST_MARK_DIR"):
+            Path(os.environ["HARDNEG_TEST_MARK_DIR"], f"{name}-{os.getpid()}").touch()
+        time.sleep(float(seconds or 0))
+
+
 class _StageActor:
     def __init__(self, stage: MapStage) -> None:
         self.stage = stage
         self.stage.ensure_setup()
 
     def __call__(self, batch):
+        _test_batch_delay(self.stage)
         return self.stage.transform(batch)
 
 
 def _run_task(batch, stage: MapStage):
+    _test_batch_delay(stage)
     return stage(batch)
 
 

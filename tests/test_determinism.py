@@ -59,32 +59,32 @@ def test_two_node_cluster_writes_the_rows_of_the_local_runner(small_beir, refere
 
 
 def test_cluster_run_survives_a_killed_worker_with_the_same_rows(small_beir, reference, cluster, tmp_path):
+    """A corpus-embedding worker is SIGKILLed in the middle of its batch (the test hook
+    HARDNEG_TEST_BATCH_DELAY holds each batch 6 s and names the worker's pid in a marker file):
+    Ray starts a new worker, the batch runs again, and the rows are those of the local runner."""
     ref_out, _, _ = reference
-    work, out = tmp_path / "work", tmp_path / "out"
+    work, out, marks = tmp_path / "work", tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
     watcher = Watcher(work, [out])
     watcher.start()
     run = Run(mine_cmd(small_beir, out, work, "--runner", "ray", "--ray-address", cluster.address),
-              tmp_path, "cluster-fault", **cluster.env)
+              tmp_path, "cluster-fault", HARDNEG_TEST_BATCH_DELAY="embed_corpus:6", HARDNEG_TEST_MARK_DIR=str(marks),
+              **cluster.env)
     try:
-        def embedding_worker():
-            if not any(work.glob(".tmp-embed_corpus-*")):
-                return False
-            return bool(cluster.workers("MapWorker"))
-
-        run.wait_until(embedding_worker, timeout=600, what="an embed_corpus MapWorker on the cluster")
-        time.sleep(2.0)  # let it start on its batch
-        # Every model worker alive now (the corpus embedding's; any left from embedding the
-        # queries go too).
-        victims = cluster.workers("MapWorker")
-        assert victims and not any(work.glob("embed_corpus-*")), "the stage finished before the kill"
-        for victim in victims:
-            victim.kill()
-        psutil.wait_procs(victims, timeout=10)
+        run.wait_until(lambda: any(marks.iterdir()), timeout=600, what="an embed_corpus worker starting a batch")
+        first = next(marks.iterdir())
+        victim = psutil.Process(int(first.name.rsplit("-", 1)[1]))
+        assert victim.pid in {w.pid for w in cluster.workers("MapWorker")}, "the marked process is not one of our workers"
+        assert not any(work.glob("embed_corpus-*")), "the stage finished before the kill"
+        victim.kill()
+        psutil.wait_procs([victim], timeout=10)
         assert run.wait() == 0, run.stderr[-3000:]
     finally:
         watcher.stop()
         if run.proc.poll() is None:
             run.kill()
+    retried = [m for m in marks.iterdir() if m != first]
+    assert retried, "the killed worker's batch never ran again"
     assert not watcher.violations, watcher.violations[:10]
     assert_same_rows(out, ref_out)
     assert leftovers(work) == []

@@ -330,7 +330,7 @@ def test_hostile_beir_folder_end_to_end(tmp_path, tiny, corpus, queries, qrels, 
         assert stats["input_pairs"] == expected_pairs(qrels, positives)
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=20, **SETTINGS)
 @given(lines=pair_lines(), corpus=corpus_lines, with_corpus=st.booleans(), fmt=st.sampled_from(["n-tuple", "labeled-list"]))
 def test_hostile_pair_file_end_to_end(tmp_path, tiny, lines, corpus, with_corpus, fmt):
     root = _fresh(tmp_path)
