@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.card import _fmt  # one number format for the card and the report
 from pipeline.config import ConfigError
 
 log = logging.getLogger("hardneg")
@@ -262,18 +263,6 @@ def plot_rejects(rejects: dict[str, int]) -> str | None:
 
 
 # ---------------------------------------------------------------------- html pieces
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(

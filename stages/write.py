@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import schemas
 from stages.base import GlobalStage
 from stages.filters import KEPT
-from stages.io import ShardWriter, iter_batches, read_table
+from stages.io import ShardWriter, count_rows, iter_batches, read_table
 
 METADATA = ["pair_id", "query_id", "positive_id", "positive_score", "positive_ce_score"]
 NEGATIVE_METADATA = [
@@ -83,7 +83,7 @@ class WriteStage(GlobalStage):
 
     def _stats(self, mined: pa.Table, inputs: dict[str, Path], rejects: pa.Table, short: int) -> dict[str, Any]:
         ingest_pair_rejects = sum(_pair_rejects(read_table(inputs["rejects"], schemas.REJECTS)).values())
-        pairs_in = _count(inputs["pairs"]) + ingest_pair_rejects
+        pairs_in = count_rows(inputs["pairs"]) + ingest_pair_rejects
         pair_rejects = _pair_rejects(rejects)
         pairs_out = mined.num_rows
         if pairs_in != pairs_out + sum(pair_rejects.values()):
@@ -118,12 +118,6 @@ class WriteStage(GlobalStage):
             },
             "scores_per_source": _scores_per_source(mined),
         }
-
-
-def _count(directory: Path) -> int:
-    from stages.io import count_rows
-
-    return count_rows(directory)
 
 
 def _by_reason(rejects: pa.Table) -> dict[str, int]:
