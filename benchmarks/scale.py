@@ -3,7 +3,8 @@ tree, sampled from /proc by psutil) for synthetic corpora of 10k, 100k and 1M do
 
 Each size is mined by `hardneg mine` in a subprocess from precomputed vectors
 (`--corpus-embeddings`, `query_embeddings`: normalised Gaussian-mixture vectors, dim 384),
-with 10% as many queries, and BM25 over synthetic text with a Zipfian vocabulary
+with 10% as many queries, and BM25 over synthetic text with a Zipfian vocabulary (p ~ 1/rank,
+the most frequent words being English stopwords, as in real text)
 (`--miners dense,bm25`). The approximate index's recall@100 against exact search is measured
 on 200 queries. `--embed` also times the embedding stage on short synthetic texts.
 
@@ -35,8 +36,22 @@ DIM = 384
 CHUNK = 100_000
 
 
-def zipf_words(rng: np.random.Generator, n_words: int, vocab: int = 50_000) -> np.ndarray:
-    return np.minimum(rng.zipf(1.2, size=n_words), vocab)
+def zipf_vocabulary(vocab: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """Words by frequency rank and their probabilities under Zipf's law (p ~ 1/rank, as in
+    natural language). The most frequent words are BM25's English stopwords, so the tokenizer
+    drops them as it drops "the" and "of" from real text (a third of the tokens)."""
+    from stages.bm25_miner import _stopword_set
+
+    stopwords = sorted(_stopword_set("en"))
+    words = np.array(stopwords + [f"w{rank}" for rank in range(len(stopwords), vocab)], dtype=object)
+    p = 1.0 / np.arange(1, vocab + 1)
+    return words, p / p.sum()
+
+
+def zipf_texts(rng: np.random.Generator, n_texts: int, length: int, vocabulary=zipf_vocabulary()) -> list[str]:
+    words, p = vocabulary
+    ranks = rng.choice(len(words), size=(n_texts, length), p=p)
+    return [" ".join(row) for row in words[ranks]]
 
 
 def make_inputs(folder: Path, n_docs: int, n_queries: int, seed: int = 0) -> dict[str, Path]:
@@ -51,23 +66,23 @@ def make_inputs(folder: Path, n_docs: int, n_queries: int, seed: int = 0) -> dic
             n = min(CHUNK, n_docs - start)
             vectors = centers[rng.integers(0, 1000, n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
             corpus_npy[start:start + n] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-            words = zipf_words(rng, n * 12).reshape(n, 12)
-            for i in range(n):
+            for i, body in enumerate(zipf_texts(rng, n, 12)):
                 doc_id = f"d{start + i}"
                 ids.write(doc_id + "\n")
-                text.write(json.dumps({"_id": doc_id, "title": "", "text": " ".join(f"w{w}" for w in words[i])}) + "\n")
+                text.write(json.dumps({"_id": doc_id, "title": "", "text": body}) + "\n")
     corpus_npy.flush()
     targets = rng.choice(n_docs, size=n_queries, replace=False)
     base = np.asarray(corpus_npy[np.sort(targets)])
-    queries = base + 0.25 * rng.standard_normal(base.shape).astype(np.float32)
+    # A query is its judged document plus noise of norm ~1.3: cosine ~0.6 to it, about what a
+    # bi-encoder gives a query and its positive.
+    queries = base + 0.07 * rng.standard_normal(base.shape).astype(np.float32)
     np.save(folder / "queries.npy", queries / np.linalg.norm(queries, axis=1, keepdims=True))
     with open(folder / "beir" / "queries.jsonl", "w") as q, open(folder / "beir" / "qrels" / "test.tsv", "w") as qrels, \
             open(folder / "queries.ids.txt", "w") as ids:
         qrels.write("query-id\tcorpus-id\tscore\n")
-        words = zipf_words(rng, n_queries * 6).reshape(n_queries, 6)
-        for i, target in enumerate(np.sort(targets)):
+        for i, (target, body) in enumerate(zip(np.sort(targets), zipf_texts(rng, n_queries, 6))):
             ids.write(f"q{i}\n")
-            q.write(json.dumps({"_id": f"q{i}", "text": " ".join(f"w{w}" for w in words[i])}) + "\n")
+            q.write(json.dumps({"_id": f"q{i}", "text": body}) + "\n")
             qrels.write(f"q{i}\td{target}\t1\n")
     return {"beir": folder / "beir", "corpus": folder / "corpus.npy", "queries": folder / "queries.npy"}
 
@@ -138,11 +153,15 @@ def recall_at_100(work: Path, inputs: dict[str, Path], n: int = 200) -> tuple[fl
     import faiss
 
     from stages.ann_index import AnnIndex, IndexConfig
+    from stages.calibrate import calibrated_config
 
     index_dir = next((work / "work").glob("index-*"))
     vectors = np.load(index_dir / "vectors.npy", mmap_mode="r")
     queries = np.load(inputs["queries"])[:n]
-    ann = AnnIndex.load(index_dir / "faiss", IndexConfig())
+    config = IndexConfig()
+    for calibration in (work / "work").glob("calibrate-*"):  # the search value the run mined with
+        config = calibrated_config(config, calibration)
+    ann = AnnIndex.load(index_dir / "faiss", config)
     _, found = ann.search(queries, 100)
     exact = faiss.IndexFlatIP(vectors.shape[1])
     for start in range(0, len(vectors), CHUNK):
@@ -157,13 +176,13 @@ def embed_cost(n_texts: int) -> tuple[float, int]:
     code = f"""
 import numpy as np, pyarrow as pa, time, resource
 from stages.embed import EmbedStage
-rng = np.random.default_rng(0)
-words = np.minimum(rng.zipf(1.2, size={n_texts} * 10), 50000).reshape({n_texts}, 10)
+from benchmarks.scale import zipf_texts
+texts = zipf_texts(np.random.default_rng(0), {n_texts}, 10)
 stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", threads=2)
 stage.ensure_setup()
 start = time.perf_counter()
 for s in range(0, {n_texts}, 1024):
-    batch = pa.table({{"id": [str(i) for i in range(s, min(s + 1024, {n_texts}))], "text": [" ".join(f"w{{w}}" for w in row) for row in words[s:s + 1024]]}})
+    batch = pa.table({{"id": [str(i) for i in range(s, min(s + 1024, {n_texts}))], "text": texts[s:s + 1024]}})
     stage(batch)
 print(time.perf_counter() - start)
 """

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.config import ConfigError, MineConfig
 from pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerprint, write_json_atomic
 from stages.base import GlobalStage, MapStage, StageResult
+from stages.calibrate import CalibrateStage, calibrated_config, needs_calibration
 from stages.candidates import CandidatesStage
 from stages.embed import EmbedStage, default_threads
 from stages.filters import FilterStage, reads_bm25, specs_from_config
@@ -237,9 +238,15 @@ class Pipeline:
 
             bm25 = self._run(BM25IndexStage(c.bm25), [corpus_fp], {"corpus": ingest_dir / "corpus"})
             upstream.append(bm25)
+        index_config = c.index
+        if needs_calibration(c.index, index.path):
+            calibration = self._run(CalibrateStage(c.index, k=c.range_max, seed=c.seed), [index, queries],
+                                    {"index": index.path, "queries": queries.path})
+            index_config = calibrated_config(c.index, calibration.path)
+            upstream.append(calibration)
         candidates = self._run(
             CandidatesStage(miners=c.miners, range_max=c.range_max, rrf_k=c.rrf_k, index_dir=index.path,
-                            index_config=c.index, bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25,
+                            index_config=index_config, bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25,
                             threads=self.threads, max_workers=c.workers, score_bm25=score_bm25),
             upstream, {}, map_input=queries.path,
         )

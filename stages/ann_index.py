@@ -11,8 +11,10 @@ The ``auto`` rule (``IndexConfig.index == "auto"``), with ``n`` the corpus size 
       ``train_sample // 39`` (k-means needs ~39 training points per centroid)
       rounded down to a power of two;  100k vectors -> IVF1024, 1M -> IVF2048 with the
       default 100k training sample (IVF4096 with train_sample >= 160k);
-    - ``codes`` from ``storage``: fp32 -> ``Flat`` (4*d bytes/vector), fp16 -> ``SQfp16``
-      (2*d bytes), pq -> ``PQ{m}`` with ``m`` the largest divisor of d that is <= d/4
+    - ``codes`` from ``storage``: fp32 -> ``Flat`` (4*d bytes/vector), fp16 (the default,
+      ``auto``) -> ``SQfp16`` (2*d bytes: the index only chooses *which* documents are
+      candidates, and hardneg rescores every candidate exactly from the stored fp32 vectors,
+      so half the memory costs no measurable recall), pq -> ``PQ{m}`` with ``m`` the largest divisor of d that is <= d/4
       (m bytes/vector, e.g. PQ96 for d=384). PQ is lossy enough that it usually cannot
       reach the recall bar; the build logs a warning with the recall it measured.
 * ``nprobe`` (IVF) / ``efSearch`` (HNSW), unless set in the config, is *calibrated* at
@@ -54,11 +56,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from stages.io import release_pages
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class IndexConfig(BaseModel):
     exact_threshold: int = Field(100_000, ge=0)
     nprobe: int | None = Field(None, ge=1)
     ef_search: int | None = Field(None, ge=1)
-    storage: Literal["fp32", "fp16", "pq"] = "fp32"
+    storage: Literal["auto", "fp32", "fp16", "pq"] = "auto"
     shard_size: int = Field(2_000_000, ge=1)
     train_sample: int = Field(100_000, ge=1)
     gpu: Literal["auto", "on", "off"] = "auto"
@@ -100,7 +104,7 @@ def auto_factory(n: int, d: int, n_train: int, storage: str) -> str:
     nlist = _pow2_round(4 * math.sqrt(max(n, 1)))
     cap = 1 << int(math.log2(max(1, n_train // MIN_POINTS_PER_CENTROID)))
     nlist = max(1, min(nlist, cap))
-    codes = {"fp32": "Flat", "fp16": "SQfp16", "pq": f"PQ{_pq_m(d)}"}[storage]
+    codes = {"auto": "SQfp16", "fp32": "Flat", "fp16": "SQfp16", "pq": f"PQ{_pq_m(d)}"}[storage]
     return f"IVF{nlist},{codes}"
 
 
@@ -190,6 +194,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, out_dir: Path) -> None:
         if n == 0:
             raise ValueError(f"index {factory!r} needs training but the corpus is empty")
         sample = np.ascontiguousarray(vectors[np.sort(order)], dtype=np.float32)
+        release_pages(vectors)
         _train(template, sample, cfg.seed, use_gpu)
         del sample
         log.info("trained %s on %d vectors in %.1fs", factory, n_train, time.perf_counter() - t0)
@@ -222,7 +227,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, out_dir: Path) -> None:
         "ntotal": n,
         "nprobe": value if param == "nprobe" else None,
         "efSearch": value if param == "efSearch" else None,
-        "storage": cfg.storage if cfg.index == "auto" and factory != "Flat" else None,
+        "storage": ("fp16" if cfg.storage == "auto" else cfg.storage) if cfg.index == "auto" and factory != "Flat" else None,
         "seed": cfg.seed,
         "train_sample": n_train if needs_training else 0,
         "built_on": "gpu" if use_gpu else "cpu",
@@ -286,6 +291,7 @@ def _fill_shard(
     heap = faiss.ResultHeap(len(calib_q), k, keep_max=True) if calib_q is not None else None
     for c0 in range(start, stop, ADD_CHUNK):
         x = _rows(vectors, c0, min(c0 + ADD_CHUNK, stop))
+        release_pages(vectors)  # one chunk resident at a time, however large the corpus
         target.add(x)
         if heap is not None:
             D, I = faiss.knn(calib_q, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
@@ -298,27 +304,22 @@ def _fill_shard(
     return index, (heap.D, heap.I)
 
 
-def _calibrate(
-    index: faiss.Index, param: str, q: np.ndarray, gt: tuple[np.ndarray, np.ndarray]
-) -> tuple[int, dict[str, float]]:
-    """Smallest nprobe/efSearch on a ~1.5x grid with recall@k >= CALIBRATION_TARGET."""
-    gt_ids = gt[1]
-    k = gt_ids.shape[1]
-    # Grid 1, 2, 3, 4, 6, 8, 12, ...: powers of two and the midpoints between them, so the
-    # pick overshoots the needed search cost by at most 1.5x.
+def _grid(index: faiss.Index, param: str, k: int) -> list[int]:
+    """Values to try, cheapest first: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and the midpoints
+    between them, so the pick overshoots the needed search cost by at most 1.5x)."""
     grid = sorted({v for i in range(20) for v in (1 << i, 3 << i >> 1) if v >= 1})
     if param == "nprobe":
         nlist = faiss.try_extract_index_ivf(index).nlist
         # nprobe = nlist scans every list: the best this IVF can do.
-        candidates = [v for v in grid if v < nlist] + [nlist]
-    else:
-        candidates = [v for v in grid if max(k, 16) <= v <= 8192]
-    params = faiss.ParameterSpace()
+        return [v for v in grid if v < nlist] + [nlist]
+    return [v for v in grid if max(k, 16) <= v <= 8192]
+
+
+def _pick(search: Callable[[int], np.ndarray], values: list[int], truth: np.ndarray, what: str, param: str) -> tuple[int, dict[str, float]]:
+    """The smallest value whose recall@k (`search(value)` against `truth`) is >= CALIBRATION_TARGET."""
     curve: dict[str, float] = {}
-    for v in candidates:
-        params.set_index_parameter(index, param, v)
-        _, I = index.search(q, k)
-        curve[str(v)] = _recall(I, gt_ids)
+    for v in values:
+        curve[str(v)] = _recall(search(v), truth)
         if curve[str(v)] >= CALIBRATION_TARGET:
             return v, curve
     # Target unreachable (lossy codes such as PQ): take the cheapest value on the plateau.
@@ -327,9 +328,63 @@ def _calibrate(
     log.warning(
         "%s: recall@%d reaches only %.3f (< %.2f) even at the largest %s; using %s=%d. "
         "Use storage fp32/fp16 or a larger code for higher recall.",
-        type(faiss.downcast_index(index)).__name__, k, best, CALIBRATION_TARGET, param, param, value,
+        what, truth.shape[1], best, CALIBRATION_TARGET, param, param, value,
     )
     return value, curve
+
+
+def _calibrate(
+    index: faiss.Index, param: str, q: np.ndarray, gt: tuple[np.ndarray, np.ndarray]
+) -> tuple[int, dict[str, float]]:
+    """Smallest nprobe/efSearch on the grid with recall@k >= CALIBRATION_TARGET."""
+    k = gt[1].shape[1]
+    params = faiss.ParameterSpace()
+
+    def search(v: int) -> np.ndarray:
+        params.set_index_parameter(index, param, v)
+        return index.search(q, k)[1]
+
+    return _pick(search, _grid(index, param, k), gt[1], type(faiss.downcast_index(index)).__name__, param)
+
+
+def exact_top_k(vectors, queries: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the exact top-k by inner product of `vectors` (anything with `len()` and
+    `rows(start, stop)`, such as stages.io.VectorFile), scanned in chunks."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, len(vectors))
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    for c0 in range(0, len(vectors), ADD_CHUNK):
+        x = np.ascontiguousarray(vectors.rows(c0, min(c0 + ADD_CHUNK, len(vectors))), dtype=np.float32)
+        D, I = faiss.knn(q, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(D, I + c0)
+    heap.finalize()
+    return heap.I
+
+
+def calibrate_on_queries(index_dir: Path, vectors, queries: np.ndarray, cfg: IndexConfig, k: int) -> dict | None:
+    """Choose nprobe (IVF) or efSearch (HNSW) on the queries to be mined rather than on corpus
+    vectors: queries sit further from the documents than documents from each other, so a value
+    calibrated at build time can fall well short of the recall bar on them. Recall@k is measured
+    against exact search over the stored vectors. None when the index is exact or the value is
+    fixed in the config."""
+    meta = json.loads((Path(index_dir) / INDEX_JSON).read_text())
+    param = "nprobe" if meta.get("nprobe") is not None else "efSearch" if meta.get("efSearch") is not None else None
+    fixed = {"nprobe": cfg.nprobe, "efSearch": cfg.ef_search}.get(param) if param else None
+    if param is None or fixed is not None or len(queries) == 0:
+        return None
+    ann = AnnIndex.load(index_dir, cfg.model_copy(update={"gpu": "off"}))
+    k = min(k, ann.ntotal)
+    truth = exact_top_k(vectors, queries, k)
+    params = faiss.ParameterSpace()
+
+    def search(v: int) -> np.ndarray:
+        for shard in ann._shards:
+            params.set_index_parameter(shard.cpu, param, v)
+        return ann.search(queries, k)[1]
+
+    value, curve = _pick(search, _grid(ann._shards[0].cpu, param, k), truth, ann.factory, param)
+    return {"param": param, "value": value, "k": k, "queries": len(queries), "target": CALIBRATION_TARGET,
+            "recall": curve}
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:

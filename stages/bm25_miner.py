@@ -334,6 +334,7 @@ class BM25Index:
         s = self._retriever.scores
         data, indices, indptr = s["data"], s["indices"], s["indptr"]
         out = np.zeros(len(rows), dtype=np.float64)
+        rows = rows.astype(indices.dtype)  # searchsorted would otherwise copy each posting list
         for t in self._retriever.get_tokens_ids(tokens):
             lo, hi = int(indptr[t]), int(indptr[t + 1])
             col = indices[lo:hi]  # sorted doc rows of this term's postings

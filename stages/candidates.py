@@ -25,10 +25,33 @@ import pyarrow as pa
 
 import schemas
 from stages.base import MapStage, Resources
-from stages.io import read_table
+from stages.io import VectorFile, read_table
 
 
 SCAN_CHUNK = 16_384  # corpus rows per block of the exact positive-rank scan
+
+
+class _BatchVectors:
+    """The stored vectors of the rows one batch touches, read once and looked up by row."""
+
+    def __init__(self, source: VectorFile, rows: np.ndarray) -> None:
+        self._rows = np.unique(rows)
+        self._matrix = source.take(self._rows)
+
+    def _get(self, rows: np.ndarray) -> np.ndarray:
+        return self._matrix[np.searchsorted(self._rows, rows)].astype(np.float64)
+
+    def exact(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float64 dot products of the query with the rows' vectors, as float32."""
+        if len(rows) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return (self._get(rows) @ query.astype(np.float64)).astype(np.float32)
+
+    def cosines(self, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """len(rows) x len(others) cosines of the (normalised) document vectors."""
+        if len(rows) == 0 or len(others) == 0:
+            return np.zeros((len(rows), len(others)), dtype=np.float64)
+        return self._get(rows) @ self._get(others).T
 
 
 class CandidatesStage(MapStage):
@@ -71,7 +94,7 @@ class CandidatesStage(MapStage):
         from stages.ann_index import AnnIndex
 
         index_dir = Path(self.index_dir)
-        self._vectors = np.load(index_dir / "vectors.npy", mmap_mode="r")
+        self._vectors = VectorFile(index_dir / "vectors.npy")
         self._doc_ids = np.array(read_table(index_dir / "ids").column("doc_id").to_pylist(), dtype=object)
         self._scan = len(self._doc_ids) <= int(getattr(self.index_config, "exact_threshold", 0))
         self._row_of = {doc_id: row for row, doc_id in enumerate(self._doc_ids)}
@@ -85,21 +108,6 @@ class CandidatesStage(MapStage):
 
             self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config)
 
-    def _exact(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        if len(rows) == 0:
-            return np.zeros(0, dtype=np.float32)
-        return (np.asarray(self._vectors[np.sort(rows)], dtype=np.float64) @ query.astype(np.float64))[
-            np.argsort(np.argsort(rows))
-        ].astype(np.float32)
-
-    def _doc_cosines(self, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
-        """len(rows) x len(others) cosines of stored (normalised) document vectors."""
-        if len(rows) == 0 or len(others) == 0:
-            return np.zeros((len(rows), len(others)), dtype=np.float64)
-        a = np.asarray(self._vectors[np.sort(rows)], dtype=np.float64)[np.argsort(np.argsort(rows))]
-        b = np.asarray(self._vectors[np.sort(others)], dtype=np.float64)[np.argsort(np.argsort(others))]
-        return a @ b.T
-
     def _scan_ranks(self, queries: np.ndarray, wanted: dict[int, list[tuple[int, int, float]]]) -> dict[tuple[int, int], int]:
         """Exact corpus ranks by a chunked scan: `wanted[i]` lists (slot, row, score) of query i's
         positives; returns 1 + the number of *other* documents scoring strictly higher."""
@@ -110,7 +118,7 @@ class CandidatesStage(MapStage):
         higher = {(i, slot): 0 for i in qs for slot, _, _ in wanted[i]}
         for start in range(0, len(self._doc_ids), SCAN_CHUNK):
             stop = min(start + SCAN_CHUNK, len(self._doc_ids))
-            scores = np.asarray(self._vectors[start:stop], dtype=np.float64) @ q.T  # chunk x queries
+            scores = self._vectors.rows(start, stop).astype(np.float64) @ q.T  # chunk x queries
             for column, i in enumerate(qs):
                 s = scores[:, column]
                 for slot, row, score in wanted[i]:
@@ -132,15 +140,24 @@ class CandidatesStage(MapStage):
 
         found: list[dict[str, dict[str, tuple[int, float]]]] = [dict() for _ in range(n)]
         pos_rows = [np.array([self._row_of[d] for d in positives[i]], dtype=np.int64) for i in range(n)]
-        pos_scores = [self._exact(queries[i], pos_rows[i]) for i in range(n)]
-        pos_ranks: list[list[int | None]] = [[None] * len(pos_rows[i]) for i in range(n)]
+        ann_rows = np.zeros((n, 0), dtype=np.int64)
         depth = 0
         if self._ann is not None:
             depth = min(k, len(self._doc_ids))
-            _, rows = self._ann.search(queries, depth)
+            _, ann_rows = self._ann.search(queries, depth)
+        bm25_ids: list[list[str]] = []
+        bm25_scores: list[list[float]] = []
+        if self._bm25 is not None and "bm25" in self.miners:
+            bm25_ids, bm25_scores = self._bm25.search(texts, k, n_threads=int(self.resources.num_cpus))
+        # Every stored vector the batch needs (positives, both miners' hits), read once.
+        vectors = _BatchVectors(self._vectors, np.concatenate(
+            [*pos_rows, ann_rows[ann_rows >= 0], np.array([self._row_of[d] for ids in bm25_ids for d in ids], dtype=np.int64)]))
+        pos_scores = [vectors.exact(queries[i], pos_rows[i]) for i in range(n)]
+        pos_ranks: list[list[int | None]] = [[None] * len(pos_rows[i]) for i in range(n)]
+        if self._ann is not None:
             for i in range(n):
-                valid = rows[i][rows[i] >= 0]
-                scores = self._exact(queries[i], valid)
+                valid = ann_rows[i][ann_rows[i] >= 0]
+                scores = vectors.exact(queries[i], valid)
                 for slot, (row, score) in enumerate(zip(pos_rows[i], pos_scores[i])):
                     if row in valid:
                         pos_ranks[i][slot] = 1 + int(np.count_nonzero((scores > score) & (valid != row)))
@@ -150,11 +167,9 @@ class CandidatesStage(MapStage):
                 order = sorted(range(len(valid)), key=lambda j: (-scores[j], ids[j]))
                 ranked = [(ids[j], float(scores[j])) for j in order if ids[j] not in masks[i]]
                 found[i]["dense"] = {d: (r, s) for r, (d, s) in enumerate(ranked[: self.range_max], start=1)}
-        if self._bm25 is not None and "bm25" in self.miners:
-            ids_lists, score_lists = self._bm25.search(texts, k)
-            for i in range(n):
-                ranked = [(d, s) for d, s in zip(ids_lists[i], score_lists[i]) if d not in masks[i]]
-                found[i]["bm25"] = {d: (r, s) for r, (d, s) in enumerate(ranked[: self.range_max], start=1)}
+        for i in range(len(bm25_ids)):
+            ranked = [(d, s) for d, s in zip(bm25_ids[i], bm25_scores[i]) if d not in masks[i]]
+            found[i]["bm25"] = {d: (r, s) for r, (d, s) in enumerate(ranked[: self.range_max], start=1)}
 
         missing = {i: [(slot, int(pos_rows[i][slot]), float(pos_scores[i][slot])) for slot, r in enumerate(pos_ranks[i]) if r is None]
                    for i in range(n)}
@@ -176,10 +191,10 @@ class CandidatesStage(MapStage):
                     fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (self.rrf_k + rank)
             candidate_ids = sorted(fused, key=lambda d: (-fused[d], d))
             cand_rows = np.array([self._row_of[d] for d in candidate_ids], dtype=np.int64)
-            dense = self._exact(queries[i], cand_rows)
+            dense = vectors.exact(queries[i], cand_rows)
             columns["positive_dense_scores"].append(pos_scores[i].tolist())
             columns["positive_ranks"].append(pos_ranks[i])
-            similarity = self._doc_cosines(cand_rows, pos_rows[i])
+            similarity = vectors.cosines(cand_rows, pos_rows[i])
             columns["positive_similarity"].append(
                 similarity.max(axis=1).astype(np.float32).tolist() if similarity.shape[1] else [None] * len(candidate_ids)
             )

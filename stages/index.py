@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from stages.ann_index import IndexConfig, build_index
 from stages.base import GlobalStage
-from stages.io import ShardWriter, iter_batches, parquet_files
+from stages.io import ShardWriter, iter_batches, parquet_files, release_pages
 
 
 class IndexStage(GlobalStage):
@@ -62,6 +62,7 @@ def write_vectors(embeddings: Path, row_of: dict[str, int], path: Path) -> np.me
         known = rows >= 0  # vectors of ids outside the corpus are not needed
         matrix[rows[known]] = values[known]
         filled[rows[known]] = True
+        release_pages(matrix)  # written pages go to the file, not this process's memory
     if not filled.all():
         raise ValueError(f"{int((~filled).sum())} corpus documents have no embedding")
     matrix.flush()

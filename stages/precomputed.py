@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from stages.base import GlobalStage, MapStage, Resources
 from stages.ingest import file_fingerprint
-from stages.io import ShardWriter, iter_batches
+from stages.io import ShardWriter, iter_batches, release_pages
 
 CHUNK = 65_536
 
@@ -55,6 +55,7 @@ class PrecomputedEmbeddings(GlobalStage):
                     raise ValueError(f"{self.path}: {len(vectors)} vectors but {len(ids)} ids")
                 for start in range(0, len(ids), CHUNK):
                     writer.write(_normalised_table(ids[start:start + CHUNK], vectors[start:start + CHUNK]))
+                    release_pages(vectors)
             else:
                 source = self.path if self.path.is_dir() else self.path.parent
                 files = [self.path] if self.path.is_file() else None

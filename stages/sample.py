@@ -113,10 +113,10 @@ class SampleStage(MapStage):
     def setup(self) -> None:
         self._vectors = None
         if self.strategy == "mmr":
-            from stages.io import read_table
+            from stages.io import VectorFile, read_table
 
             index_dir = Path(self.index_dir)
-            self._vectors = np.load(index_dir / "vectors.npy", mmap_mode="r")
+            self._vectors = VectorFile(index_dir / "vectors.npy")
             ids = read_table(index_dir / "ids", columns=["doc_id"]).column("doc_id").to_pylist()
             self._row_of = {doc_id: row for row, doc_id in enumerate(ids)}
 
@@ -124,8 +124,7 @@ class SampleStage(MapStage):
         rows = np.array([self._row_of[d] for d in doc_ids], dtype=np.int64)
         if not len(rows):
             return np.zeros((0, 0))
-        order = np.argsort(rows)
-        vectors = np.asarray(self._vectors[rows[order]], dtype=np.float64)[np.argsort(order)]
+        vectors = self._vectors.take(rows).astype(np.float64)
         return vectors @ vectors.T
 
     def choose(self, kept: list[int], pair_id: str, scores: list | None = None, cosines: np.ndarray | None = None) -> list[int]:

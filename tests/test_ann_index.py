@@ -258,3 +258,35 @@ def test_rebuild_replaces_previous_index(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("shard_*.faiss")) == ["shard_00000.faiss"]
     idx = AnnIndex.load(tmp_path, IndexConfig())
     assert idx.ntotal == 150 and idx.search(x[:2], 200)[1][:, 150:].max() == -1
+
+
+# ------------------------------------------------------ (7) calibration on the mined queries
+
+
+def test_search_breadth_is_calibrated_on_the_queries_not_the_corpus(tmp_path: Path) -> None:
+    """Queries far from the documents (here: a document plus heavy noise) need a wider search
+    than the build-time calibration on corpus vectors chose; calibrating on a sample of the
+    queries restores the recall bar on *other* queries of the same kind."""
+    from stages.ann_index import calibrate_on_queries, exact_top_k
+    from stages.io import VectorFile
+
+    x = gaussian_mixture(30_000, 32, n_clusters=200, spread=0.04, seed=11)
+    np.save(tmp_path / "vectors.npy", x)
+    cfg = IndexConfig(exact_threshold=1000)
+    build_index(x, cfg, tmp_path / "faiss")
+    built = json.loads((tmp_path / "faiss" / "index.json").read_text())["nprobe"]
+    rng = np.random.default_rng(12)
+    noisy = normalised(x[rng.choice(len(x), 600, replace=False)] + 0.25 * rng.standard_normal((600, 32), dtype=np.float32))
+    sample, held_out = noisy[:256], noisy[256:]
+    vectors = VectorFile(tmp_path / "vectors.npy")
+    assert np.array_equal(exact_top_k(vectors, held_out[:20], 10), brute_force(x, held_out[:20], 10)[1])
+
+    result = calibrate_on_queries(tmp_path / "faiss", vectors, sample, cfg, k=100)
+    assert result["param"] == "nprobe" and result["value"] > built
+    assert result["recall"][str(result["value"])] >= 0.97
+    truth = brute_force(x, held_out, 100)[1]
+    at_build = AnnIndex.load(tmp_path / "faiss", cfg).search(held_out, 100)[1]
+    calibrated = AnnIndex.load(tmp_path / "faiss", cfg.model_copy(update={"nprobe": result["value"]})).search(held_out, 100)[1]
+    assert recall(at_build, truth) < 0.95 <= recall(calibrated, truth)
+    # A value fixed in the config is left alone.
+    assert calibrate_on_queries(tmp_path / "faiss", vectors, sample, cfg.model_copy(update={"nprobe": 4}), k=100) is None

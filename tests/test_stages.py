@@ -165,3 +165,37 @@ def test_cuda_embedding_matches_cpu():
     cpu.ensure_setup()
     gpu.ensure_setup()
     assert (cpu.encode(texts) * gpu.encode(texts)).sum(axis=1).min() > 0.999
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:
+            current = fields[5] if len(fields) > 5 else None
+        elif fields and fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path):
+    from stages.io import VectorFile
+
+    path = tmp_path / "vectors.npy"
+    matrix = np.random.default_rng(0).standard_normal((100_000, 96)).astype(np.float32)  # 37 MiB
+    np.save(path, matrix)
+    vectors = VectorFile(path)
+    rows = np.random.default_rng(1).integers(0, len(matrix), 20_000)  # scattered, with repeats
+    assert np.array_equal(vectors.take(rows), matrix[rows])
+    assert np.array_equal(vectors.take(rows[::-1]), matrix[rows[::-1]])
+    assert np.array_equal(vectors.rows(99_990, 100_000), matrix[99_990:])
+    assert vectors.take(np.array([], dtype=np.int64)).shape == (0, 96)
+    with pytest.raises(IndexError):
+        vectors.take(np.array([100_000]))
+    # The rows read are released: the file's pages do not stay in this process's memory.
+    assert _mapped_kib(path.resolve()) < 4096
+    # A plain memory map keeps what scattered reads touched, and the pages around them.
+    plain = np.load(path, mmap_mode="r")
+    _ = np.asarray(plain[np.sort(rows)])
+    assert _mapped_kib(path.resolve()) > 16_384
