@@ -16,6 +16,7 @@ query with its best-graded document, only that positive masked (hardneg: --posit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -100,6 +101,9 @@ def main() -> None:
         print(f"{'hardneg mine, cold (empty cache, Ray start)':<44}{cold:>10.1f}{st_seconds / cold:>11.2f}x")
         print(f"{'hardneg mine, warm (relative_margin changed)':<44}{warm:>10.1f}{st_seconds / warm:>11.2f}x")
         print(f"{'hardneg mine, ST settings (cached embeddings)':<44}{same_settings:>10.1f}{st_seconds / same_settings:>11.2f}x")
+        stages = json.loads((work / "cold" / "stats.json").read_text())["stages"]
+        print("hardneg cold, seconds per stage: "
+              + ", ".join(f"{name} {info['seconds']:.1f}" for name, info in stages.items() if not info["reused"]))
         print(f"agreement at identical settings: {same}/{total} negatives = {same / max(total, 1):.3f}")
         print(f"rows: sentence-transformers {len(st)}, hardneg {ours.num_rows}")
     finally:
