@@ -53,6 +53,8 @@ def test_trust_remote_code_reaches_every_model_load(tmp_path, monkeypatch, trust
         built.append(stage)
         return StageResult(stage.name, tmp_path, "0" * 64, reused=True, info={"pairs": 1, "corpus_rows": 1})
 
+    (tmp_path / "faiss").mkdir()  # the fake index stage's output: an exact index (no calibrate stage)
+    (tmp_path / "faiss" / "index.json").write_text('{"factory": "Flat", "nprobe": null, "efSearch": null}')
     monkeypatch.setattr(pipe, "_run", fake_run)
     monkeypatch.setattr(pipe, "_write_output", lambda *a, **k: {})
     pipe._run_all()
