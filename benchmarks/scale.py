@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--runner", default="local")
     parser.add_argument("--embed", default="", help="comma-separated text counts to time embedding on, e.g. 10000,50000")
     opts = parser.parse_args()
-    sizes = [10_000] if opts.quick else [int(s) for s in opts.sizes.split(",")]
+    sizes = [10_000] if opts.quick else [int(s) for s in opts.sizes.split(",") if s.strip()]
     gib = 1024 ** 3
     rows = []
     for n_docs in sizes:
