@@ -126,7 +126,7 @@ def _features_yaml(data_dir: Path) -> tuple[dict[str, Any], int, int]:
     return info._to_yaml_dict(), rows, size
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -143,7 +143,7 @@ def _table(header: list[str], rows: list[list[Any]], numeric: bool = True) -> st
     align = ["---" if i == 0 or not numeric else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
+        lines.append("| " + " | ".join(format_value(v).replace("|", "\\|") for v in row) + " |")
     return "\n".join(lines)
 
 

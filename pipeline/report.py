@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.card import _fmt  # one number format for the card and the report
+from pipeline.card import format_value  # one number format for the card and the report
 from pipeline.config import ConfigError
 
 log = logging.getLogger("hardneg")
@@ -267,7 +267,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td class=\"{'num' if isinstance(v, (int, float)) and not isinstance(v, bool) else ''}\">"
-                         f"{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                         f"{html.escape(format_value(v))}</td>" for v in row) + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -326,7 +326,7 @@ def render_report(out: Path, beir: Path | None = None) -> str:
              f"<code>{html.escape(','.join(config.get('miners') or []))}</code> · generated "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
              "<div class=\"cards\">" + "".join(
-                 f"<div class=\"card\"><b>{_fmt(v)}</b>{html.escape(label)}</div>" for label, v in (
+                 f"<div class=\"card\"><b>{format_value(v)}</b>{html.escape(label)}</div>" for label, v in (
                      ("input pairs", stats.get("input_pairs")), ("written pairs", stats.get("output_pairs")),
                      ("rejected pairs", rejected), ("output rows", stats.get("output_rows", table.num_rows)),
                      ("candidates", stats.get("candidates")))) + "</div>"]

@@ -361,16 +361,23 @@ def exact_top_k(vectors, queries: np.ndarray, k: int) -> np.ndarray:
     return heap.I
 
 
+def open_search_param(index_dir: Path, cfg: IndexConfig) -> str | None:
+    """The built index's search parameter ("nprobe" or "efSearch") when the config leaves its value
+    open; None for exact indices and for values the user fixed."""
+    meta = json.loads((Path(index_dir) / INDEX_JSON).read_text())
+    param = "nprobe" if meta.get("nprobe") is not None else "efSearch" if meta.get("efSearch") is not None else None
+    fixed = {"nprobe": cfg.nprobe, "efSearch": cfg.ef_search}.get(param) if param else None
+    return param if fixed is None else None
+
+
 def calibrate_on_queries(index_dir: Path, vectors, queries: np.ndarray, cfg: IndexConfig, k: int) -> dict | None:
     """Choose nprobe (IVF) or efSearch (HNSW) on the queries to be mined rather than on corpus
     vectors: queries sit further from the documents than documents from each other, so a value
     calibrated at build time can fall well short of the recall bar on them. Recall@k is measured
     against exact search over the stored vectors. None when the index is exact or the value is
     fixed in the config."""
-    meta = json.loads((Path(index_dir) / INDEX_JSON).read_text())
-    param = "nprobe" if meta.get("nprobe") is not None else "efSearch" if meta.get("efSearch") is not None else None
-    fixed = {"nprobe": cfg.nprobe, "efSearch": cfg.ef_search}.get(param) if param else None
-    if param is None or fixed is not None or len(queries) == 0:
+    param = open_search_param(index_dir, cfg)
+    if param is None or len(queries) == 0:
         return None
     ann = AnnIndex.load(index_dir, cfg.model_copy(update={"gpu": "off"}))
     k = min(k, ann.ntotal)

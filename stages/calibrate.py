@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.ann_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries
+from stages.ann_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
 from stages.base import GlobalStage
 from stages.io import VectorFile, count_rows, iter_batches
 
@@ -62,6 +62,4 @@ def calibrated_config(index: IndexConfig, calibration_dir: Path) -> IndexConfig:
 
 
 def needs_calibration(index: IndexConfig, index_dir: Path) -> bool:
-    meta = json.loads((Path(index_dir) / "faiss" / "index.json").read_text())
-    return (meta.get("nprobe") is not None and index.nprobe is None) or (
-        meta.get("efSearch") is not None and index.ef_search is None)
+    return open_search_param(Path(index_dir) / "faiss", index) is not None

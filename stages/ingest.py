@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from stages.base import GlobalStage, InputError  # noqa: F401 - InputError: raised here, re-exported
+from stages.base import GlobalStage, InputError
 from stages.io import ShardWriter
 
 MAX_TEXT_CHARS = 1_000_000  # longer texts are truncated by the models anyway; keep memory sane

@@ -127,10 +127,12 @@ class SampleStage(MapStage):
         vectors = self._vectors.take(rows).astype(np.float64)
         return vectors @ vectors.T
 
-    def choose(self, kept: list[int], pair_id: str, scores: list | None = None, cosines: np.ndarray | None = None) -> list[int]:
-        """Indices (into the query's candidates, in rank order) of the pair's negatives. `scores`
-        are the kept candidates' scores (softmax, mmr), `cosines` their pairwise cosines (mmr)."""
-        k = self.num_negatives
+    def choose(self, kept: list[int], pair_id: str, scores: list | None = None, cosines: np.ndarray | None = None,
+               k: int | None = None) -> list[int]:
+        """Indices (into the query's candidates, in rank order) of the pair's negatives: `k` of them
+        (default num_negatives). `scores` are the kept candidates' scores (softmax, mmr), `cosines`
+        their pairwise cosines (mmr)."""
+        k = self.num_negatives if k is None else k
         if self.strategy == "top" or len(kept) <= k:
             return kept[:k]
         if self.strategy == "random":
@@ -161,11 +163,7 @@ class SampleStage(MapStage):
             rest = [kept[i] for i in positions]
             rest_scores = [scores[i] for i in positions] if scores is not None else None
             rest_cosines = cosines[np.ix_(positions, positions)] if cosines is not None else None
-            saved, self.num_negatives = self.num_negatives, missing
-            try:
-                chosen += self.choose(rest, pair_id, rest_scores, rest_cosines)
-            finally:
-                self.num_negatives = saved
+            chosen += self.choose(rest, pair_id, rest_scores, rest_cosines, k=missing)
         return sorted(chosen)
 
     def _inconsistent(self, rank: int | None, score: float | None) -> bool:
