@@ -140,11 +140,12 @@ def test_sharded_ivf_trains_once_and_merges(tmp_path: Path) -> None:
     "cfg, factory_prefix",
     [
         (IndexConfig(exact_threshold=1000, storage="fp16"), "IVF"),
+        (IndexConfig(exact_threshold=1000), "IVF"),  # storage auto: fp16 codes
         (IndexConfig(index="IVF64,Flat"), "IVF64,Flat"),
         (IndexConfig(index="HNSW32"), "HNSW32"),
         (IndexConfig(index="IVF64,SQfp16", nprobe=8), "IVF64,SQfp16"),
     ],
-    ids=["auto-fp16", "IVF64,Flat", "HNSW32", "IVF64,SQfp16-nprobe8"],
+    ids=["auto-fp16", "auto-default", "IVF64,Flat", "HNSW32", "IVF64,SQfp16-nprobe8"],
 )
 def test_storage_and_factory_strings(tmp_path: Path, cfg: IndexConfig, factory_prefix: str) -> None:
     x = gaussian_mixture(8000, 32, n_clusters=50, spread=0.1, seed=8)
@@ -152,8 +153,8 @@ def test_storage_and_factory_strings(tmp_path: Path, cfg: IndexConfig, factory_p
     idx = build_and_load(x, cfg, tmp_path)
     meta = json.loads((tmp_path / "index.json").read_text())
     assert meta["factory"].startswith(factory_prefix)
-    if cfg.storage == "fp16":
-        assert meta["factory"].endswith(",SQfp16")
+    if cfg.storage in ("fp16", "auto") and cfg.index == "auto":
+        assert meta["factory"].endswith(",SQfp16") and meta["storage"] == "fp16"
     if cfg.nprobe is not None:
         assert meta["nprobe"] == cfg.nprobe and meta["calibration"] is None
     scores, rows = idx.search(q, 10)
