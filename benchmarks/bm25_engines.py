@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.bm25_miner import BM25Config, BM25Index
+from hardneg.stages.bm25_miner import BM25Config, BM25Index
 
 CRANFIELD = Path(__file__).resolve().parent.parent / "examples" / "cranfield"
 

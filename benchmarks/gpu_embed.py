@@ -43,7 +43,7 @@ def embed(stage, texts: list[str], batch: int = 4096) -> tuple[np.ndarray, float
 
 
 def main() -> None:
-    from stages.embed import EmbedStage
+    from hardneg.stages.embed import EmbedStage
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model")

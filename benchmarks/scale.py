@@ -40,7 +40,7 @@ def zipf_vocabulary(vocab: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
     """Words by frequency rank and their probabilities under Zipf's law (p ~ 1/rank, as in
     natural language). The most frequent words are BM25's English stopwords, so the tokenizer
     drops them as it drops "the" and "of" from real text (a third of the tokens)."""
-    from stages.bm25_miner import _stopword_set
+    from hardneg.stages.bm25_miner import _stopword_set
 
     stopwords = sorted(_stopword_set("en"))
     words = np.array(stopwords + [f"w{rank}" for rank in range(len(stopwords), vocab)], dtype=object)
@@ -127,7 +127,7 @@ class TreeRSS:
 
 
 def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[str, float, int]], float]:
-    cmd = [sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(inputs["beir"]), "--out", str(work / "out"),
+    cmd = [sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(inputs["beir"]), "--out", str(work / "out"),
            "--work-dir", str(work / "work"), "--corpus-embeddings", str(inputs["corpus"]),
            "--set", f"query_embeddings={inputs['queries']}", "--miners", "dense,bm25", "--num-negatives", "5",
            "--runner", runner, "--log-level", "info"]
@@ -152,8 +152,8 @@ def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[s
 def recall_at_100(work: Path, inputs: dict[str, Path], n: int = 200) -> tuple[float, str]:
     import faiss
 
-    from stages.ann_index import AnnIndex, IndexConfig
-    from stages.calibrate import calibrated_config
+    from hardneg.stages.ann_index import AnnIndex, IndexConfig
+    from hardneg.stages.calibrate import calibrated_config
 
     index_dir = next((work / "work").glob("index-*"))
     vectors = np.load(index_dir / "vectors.npy", mmap_mode="r")
@@ -175,7 +175,7 @@ def embed_cost(n_texts: int) -> tuple[float, int]:
     """Seconds per text and peak RSS for embedding `n_texts` short synthetic texts in-process."""
     code = f"""
 import numpy as np, pyarrow as pa, time, resource
-from stages.embed import EmbedStage
+from hardneg.stages.embed import EmbedStage
 from benchmarks.scale import zipf_texts
 texts = zipf_texts(np.random.default_rng(0), {n_texts}, 10)
 stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", threads=2)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 def hardneg(args: list[str]) -> float:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "mine", *args, "-q"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hardneg.pipeline.cli", "mine", *args, "-q"], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     return time.perf_counter() - started
@@ -48,9 +48,9 @@ def main() -> None:
     import datasets
     import torch
 
-    from pipeline.config import MineConfig
-    from stages.ingest import IngestStage
-    from stages.io import read_table
+    from hardneg.pipeline.config import MineConfig
+    from hardneg.stages.ingest import IngestStage
+    from hardneg.stages.io import read_table
 
     work = Path(tempfile.mkdtemp(prefix="hardneg-bench-"))
     try:
@@ -69,7 +69,7 @@ def main() -> None:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.util import mine_hard_negatives
 
-        from stages.models import resolve_model
+        from hardneg.stages.models import resolve_model
 
         model = SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu")
         st = mine_hard_negatives(pairs, model, corpus=list(texts.values()), num_negatives=5, sampling_strategy="top",

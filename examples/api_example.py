@@ -5,7 +5,7 @@
 tests/test_api.py runs the README's block (on a small Cranfield subset) and checks that this
 file holds the same code."""
 
-from pipeline import mine
+from hardneg import mine
 
 # Same keys as the command line and the YAML config; returns a datasets.Dataset.
 dataset = mine(beir="examples/cranfield", out="out/cranfield-api", positives="best", num_negatives=5,

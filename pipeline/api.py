@@ -1,6 +1,6 @@
 """The Python API: the same config keys as the CLI, for notebooks and scripts.
 
-    from pipeline import mine
+    from hardneg import mine
     dataset = mine(beir="examples/cranfield", out="out/cranfield", positives="best", num_negatives=5)
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import MineConfig, build_config
-from pipeline.runner import Pipeline, RunResult
+from hardneg.pipeline.config import MineConfig, build_config
+from hardneg.pipeline.runner import Pipeline, RunResult
 
 
 def run_mine(config: MineConfig, *, progress: bool = True) -> RunResult:

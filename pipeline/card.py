@@ -71,7 +71,7 @@ def public_model_name(name: str) -> str:
 def model_rows(config: Any) -> list[dict[str, str]]:
     """Each model the run used, with the identity hardneg fingerprints it by (hub revision or a
     content hash of the local files)."""
-    from stages.models import model_fingerprint
+    from hardneg.stages.models import model_fingerprint
 
     rows = []
     for role, name in (("bi-encoder", getattr(config, "model", None)), ("cross-encoder", getattr(config, "cross_encoder", None))):
@@ -233,7 +233,7 @@ def card_eval(out_dir: Path, config: Any) -> dict[str, Any] | None:
     if beir is None:
         return None
     try:
-        from pipeline.evaluate import evaluate
+        from hardneg.pipeline.evaluate import evaluate
     except ImportError:
         return None
     try:
@@ -304,7 +304,7 @@ def check_push(repo_id: str) -> None:
     from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from pipeline.config import ConfigError
+    from hardneg.pipeline.config import ConfigError
 
     try:
         validate_repo_id(repo_id)

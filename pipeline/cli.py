@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import ConfigError, build_config, describe_keys
+from hardneg.pipeline.config import ConfigError, build_config, describe_keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mine hard negatives for embedding and reranker training.")
@@ -66,8 +66,8 @@ def mine(
     push_to_hub: Optional[str] = typer.Option(None, help="after writing, upload OUT to this Hub dataset repo (user/name; implies --layout hub)"),
 ) -> None:
     _setup_logging(log_level, quiet)
-    from pipeline.api import run_mine
-    from pipeline.summary import print_summary
+    from hardneg.pipeline.api import run_mine
+    from hardneg.pipeline.summary import print_summary
 
     overrides = dict(beir=beir, pairs=pairs, corpus=corpus, out=out, num_negatives=num_negatives, format=format,
                      positives=positives, hide_extra_positives=hide_extra_positives, split=split, miners=miners,
@@ -77,7 +77,7 @@ def mine(
         overrides["layout"] = "hub"
     cfg = build_config(config, overrides, set_)
     if push_to_hub:
-        from pipeline.card import check_push
+        from hardneg.pipeline.card import check_push
 
         if cfg.layout != "hub":
             raise ConfigError("--push-to-hub uploads the hub layout: drop --layout disk")
@@ -89,7 +89,7 @@ def mine(
     if not quiet:
         print_summary(result)
     if push_to_hub:
-        from pipeline.card import PushError, push_to_hub as push
+        from hardneg.pipeline.card import PushError, push_to_hub as push
 
         try:
             log.info("pushed %s to %s", result.out, push(result.out, push_to_hub))
@@ -115,8 +115,8 @@ def eval_(
                         ("TRANSFORMERS_VERBOSITY", "error")):
         os.environ.setdefault(name, value)  # eval shows no progress bars: only its tables
     _setup_logging(log_level, quiet)
-    from pipeline.evaluate import EvalError, evaluate, print_report
-    from pipeline.store import write_json_atomic
+    from hardneg.pipeline.evaluate import EvalError, evaluate, print_report
+    from hardneg.pipeline.store import write_json_atomic
 
     query_ids = None
     if queries is not None:
@@ -140,7 +140,7 @@ def export_(
 ) -> None:
     """Write a mined dataset as another trainer's training data (JSON lines)."""
     _setup_logging(log_level, False)
-    from pipeline.export import export
+    from hardneg.pipeline.export import export
 
     rows = export(out, to, out_file)
     print(f"wrote {rows} rows to {out_file}")
@@ -148,7 +148,7 @@ def export_(
 
 def main() -> None:
     """Entry point: every user error is one line on stderr and exit code 2, never a traceback."""
-    from pipeline.errors import user_error_message
+    from hardneg.pipeline.errors import user_error_message
 
     try:
         app(standalone_mode=False)
@@ -172,7 +172,7 @@ def report(
     """An HTML page (plots inline) of a mined output: scores, filter decisions, negatives per
     query, rejects and, with --beir, the evaluation."""
     _setup_logging(log_level, False)
-    from pipeline.report import write_report
+    from hardneg.pipeline.report import write_report
 
     print(f"wrote {write_report(out, html, beir=beir)}")
 

@@ -10,9 +10,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.ann_index import IndexConfig
-from stages.bm25_miner import BM25Config
-from stages.models import DEFAULT_MODEL
+from hardneg.stages.ann_index import IndexConfig
+from hardneg.stages.bm25_miner import BM25Config
+from hardneg.stages.models import DEFAULT_MODEL
 
 Format = Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"]
 Score = Literal["dense", "bm25", "cross_encoder"]
@@ -123,7 +123,7 @@ class MineConfig(BaseModel):
             raise ValueError("range_min must be below range_max")
         if self.consistency_top_k is not None and self.consistency_top_k > self.range_max:
             raise ValueError("consistency_top_k must be at most range_max (the dense search depth)")
-        from stages.filters import FilterSpecError, specs_from_config
+        from hardneg.stages.filters import FilterSpecError, specs_from_config
 
         try:
             specs = specs_from_config(self)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import errno
 
-from pipeline.config import ConfigError
-from pipeline.store import LockedError
-from stages.base import InputError
-from stages.models import ModelLoadError
+from hardneg.pipeline.config import ConfigError
+from hardneg.pipeline.store import LockedError
+from hardneg.stages.base import InputError
+from hardneg.stages.models import ModelLoadError
 
 
 def user_error_message(err: BaseException) -> str | None:

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError
+from hardneg.pipeline.config import ConfigError
 
 log = logging.getLogger("hardneg")
 
@@ -144,9 +144,9 @@ def corpus_ranks(vectors: np.ndarray, queries: np.ndarray, targets: list[np.ndar
 def reference_index(beir: Path, model: str | None, work_dir: Path, split: str, stats: dict[str, Any]) -> tuple[Path, Path]:
     """The index dir (vectors.npy, ids/) and query embeddings of the reference model, from the
     pipeline's cache (computed and cached there when missing)."""
-    from pipeline.config import MineConfig
-    from pipeline.runner import Pipeline
-    from stages.models import DEFAULT_MODEL
+    from hardneg.pipeline.config import MineConfig
+    from hardneg.pipeline.runner import Pipeline
+    from hardneg.stages.models import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
     keys: dict[str, Any] = {}
@@ -163,7 +163,7 @@ def reference_index(beir: Path, model: str | None, work_dir: Path, split: str, s
 
 
 def _ranks(index_dir: Path, queries_dir: Path, wanted: dict[str, set[str]]) -> dict[tuple[str, str], int]:
-    from stages.io import iter_batches, read_table
+    from hardneg.stages.io import iter_batches, read_table
 
     vectors = np.load(Path(index_dir) / "vectors.npy", mmap_mode="r")
     row_of = {d: i for i, d in enumerate(read_table(Path(index_dir) / "ids", columns=["doc_id"]).column("doc_id").to_pylist())}
@@ -196,7 +196,7 @@ def _summary(negatives: list[tuple[str, str]], qrels: dict[str, dict[str, float]
 
 def filter_breakdown(filter_dir: Path, qrels: dict[str, dict[str, float]], query_ids: set[str] | None = None) -> dict[str, dict[str, int]]:
     """Per decision ("kept" or a filter's name): candidates, and how many were judged relevant."""
-    from stages.io import iter_batches
+    from hardneg.stages.io import iter_batches
 
     out: dict[str, dict[str, int]] = {}
     for batch in iter_batches(Path(filter_dir), 4096, columns=["query_id", "candidate_ids", "decisions"]):
@@ -218,7 +218,7 @@ def _default_work_dir(dataset: Path, stats: dict[str, Any]) -> Path:
     index = ((stats.get("stages") or {}).get("index") or {}).get("path")
     if index and Path(index).parent.is_dir():
         return Path(index).parent
-    from pipeline.runner import default_work_dir
+    from hardneg.pipeline.runner import default_work_dir
 
     return default_work_dir(Path(dataset))
 
@@ -252,7 +252,7 @@ def evaluate(
     rank_of = None
     reference = None
     if ranks and negatives:
-        from stages.models import DEFAULT_MODEL
+        from hardneg.stages.models import DEFAULT_MODEL
 
         reference = model or DEFAULT_MODEL
         work = Path(work_dir) if work_dir else _default_work_dir(dataset, stats)

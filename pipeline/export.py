@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from hardneg.pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 

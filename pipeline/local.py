@@ -6,8 +6,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.base import MapStage
-from stages.io import ShardWriter, count_rows, iter_batches
+from hardneg.stages.base import MapStage
+from hardneg.stages.io import ShardWriter, count_rows, iter_batches
 
 
 class LocalExecutor:

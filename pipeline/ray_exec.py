@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from stages.base import MapStage
-from stages.io import count_rows, parquet_files
+from hardneg.stages.base import MapStage
+from hardneg.stages.io import count_rows, parquet_files
 
 log = logging.getLogger("hardneg")
 
@@ -85,7 +85,7 @@ class RayExecutor:
                 try:
                     ray.init(address=self.address, **kwargs)
                 except (ConnectionError, TimeoutError, RuntimeError) as err:
-                    from pipeline.config import ConfigError
+                    from hardneg.pipeline.config import ConfigError
 
                     first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:300]
                     raise ConfigError(f"cannot join the Ray cluster at {self.address}: {first}") from None

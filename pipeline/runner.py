@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, MineConfig
-from pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerprint, write_json_atomic
-from stages.base import GlobalStage, MapStage, StageResult
-from stages.calibrate import CalibrateStage, calibrated_config, needs_calibration
-from stages.candidates import CandidatesStage
-from stages.embed import EmbedStage, default_threads
-from stages.filters import FilterStage, reads_bm25, specs_from_config
-from stages.index import IndexStage
-from stages.ingest import IngestStage
-from stages.models import check_model, pick_device, pick_precision
-from stages.sample import SampleStage
-from stages.write import WriteStage
+from hardneg.pipeline.config import ConfigError, MineConfig
+from hardneg.pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerprint, write_json_atomic
+from hardneg.stages.base import GlobalStage, MapStage, StageResult
+from hardneg.stages.calibrate import CalibrateStage, calibrated_config, needs_calibration
+from hardneg.stages.candidates import CandidatesStage
+from hardneg.stages.embed import EmbedStage, default_threads
+from hardneg.stages.filters import FilterStage, reads_bm25, specs_from_config
+from hardneg.stages.index import IndexStage
+from hardneg.stages.ingest import IngestStage
+from hardneg.stages.models import check_model, pick_device, pick_precision
+from hardneg.stages.sample import SampleStage
+from hardneg.stages.write import WriteStage
 
 log = logging.getLogger("hardneg")
 
@@ -110,11 +110,11 @@ class Pipeline:
         self.precision = pick_precision(config.precision, self.device)
         self.threads = config.threads or default_threads()
         if config.runner == "ray":
-            from pipeline.ray_exec import RayExecutor
+            from hardneg.pipeline.ray_exec import RayExecutor
 
             self.executor = RayExecutor(config.ray_address, progress)
         else:
-            from pipeline.local import LocalExecutor
+            from hardneg.pipeline.local import LocalExecutor
 
             self.executor = LocalExecutor(progress)
         self.results: list[StageResult] = []
@@ -134,7 +134,7 @@ class Pipeline:
                 if isinstance(stage, MapStage):
                     executor = self.executor
                     if in_process and self.executor.name != "local":
-                        from pipeline.local import LocalExecutor
+                        from hardneg.pipeline.local import LocalExecutor
 
                         executor = LocalExecutor(self.progress)
                     rows = executor.run_map(stage, map_input, tmp)
@@ -208,7 +208,7 @@ class Pipeline:
                               + ", ".join(f"{k}={v}" for k, v in ingest.info.get("rejects", {}).items()) + ")")
 
         if c.query_embeddings is not None:
-            from stages.precomputed import PrecomputedQueryVectors
+            from hardneg.stages.precomputed import PrecomputedQueryVectors
 
             queries = self._run(PrecomputedQueryVectors(Path(c.query_embeddings)), [ingest], {},
                                 map_input=ingest_dir / "queries", in_process=True)
@@ -216,7 +216,7 @@ class Pipeline:
             queries = self._run(self._embed("embed_queries", c.query_prompt, "query_id", keep=True), [ingest], {},
                                 map_input=ingest_dir / "queries")
         if c.corpus_embeddings is not None:
-            from stages.precomputed import PrecomputedEmbeddings
+            from hardneg.stages.precomputed import PrecomputedEmbeddings
 
             corpus = self._run(PrecomputedEmbeddings(Path(c.corpus_embeddings)), [], {})
         else:
@@ -234,7 +234,7 @@ class Pipeline:
         # BM25 mines candidates (a miner) or only scores the dense ones (a filter reads bm25).
         score_bm25 = reads_bm25(c)
         if "bm25" in c.miners or score_bm25:
-            from stages.bm25_miner import BM25IndexStage
+            from hardneg.stages.bm25_miner import BM25IndexStage
 
             bm25 = self._run(BM25IndexStage(c.bm25), [corpus_fp], {"corpus": ingest_dir / "corpus"})
             upstream.append(bm25)
@@ -253,7 +253,7 @@ class Pipeline:
         specs = specs_from_config(c)
         scored = candidates
         if c.cross_encoder:
-            from stages.rerank import RerankStage
+            from hardneg.stages.rerank import RerankStage
 
             scored = self._run(
                 RerankStage(model=c.cross_encoder, specs=specs, batch_size=c.ce_batch_size, max_length=c.ce_max_length,
@@ -302,7 +302,7 @@ class Pipeline:
             stats["config"] = self.config.model_dump(mode="json")
             write_json_atomic(tmp / "stats.json", stats)
             if self.config.layout == "hub":
-                from pipeline.card import write_card
+                from hardneg.pipeline.card import write_card
 
                 write_card(tmp, self.config, stats)
             _test_pause(stage.name)

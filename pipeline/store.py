@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import schemas
+from hardneg import schemas
 
 CODE_VERSION = "0.1.0"
 MANIFEST = "manifest.json"

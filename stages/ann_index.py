@@ -62,7 +62,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.io import release_pages
+from hardneg.stages.io import release_pages
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ import Stemmer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rank_bm25 import BM25Okapi
 
-from stages.base import InputError
+from hardneg.stages.base import InputError
 
 # A user error (one line, exit 2), not a crash: BM25 has nothing to index.
 _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or the score a filter reads) "
@@ -396,7 +396,7 @@ class BM25IndexStage:
         return self.cfg.model_dump()
 
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict:
-        from stages.io import read_table
+        from hardneg.stages.io import read_table
 
         corpus = read_table(inputs["corpus"], columns=["doc_id", "text"])
         index = BM25Index.build(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist(), self.cfg)

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.ann_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
-from stages.base import GlobalStage
-from stages.io import VectorFile, count_rows, iter_batches
+from hardneg.stages.ann_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
+from hardneg.stages.base import GlobalStage
+from hardneg.stages.io import VectorFile, count_rows, iter_batches
 
 CALIBRATION_FILE = "calibration.json"
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-import schemas
-from stages.base import MapStage, Resources
-from stages.io import VectorFile, read_table
+from hardneg import schemas
+from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.io import VectorFile, read_table
 
 
 SCAN_CHUNK = 16_384  # corpus rows per block of the exact positive-rank scan
@@ -91,7 +91,7 @@ class CandidatesStage(MapStage):
         return {"miners": self.miners, "range_max": self.range_max, "rrf_k": self.rrf_k, "score_bm25": self.score_bm25}
 
     def setup(self) -> None:
-        from stages.ann_index import AnnIndex
+        from hardneg.stages.ann_index import AnnIndex
 
         index_dir = Path(self.index_dir)
         self._vectors = VectorFile(index_dir / "vectors.npy")
@@ -104,7 +104,7 @@ class CandidatesStage(MapStage):
         self._ann = AnnIndex.load(index_dir / "faiss", self.index_config) if need_ann else None
         self._bm25 = None
         if self.score_bm25:
-            from stages.bm25_miner import BM25Index
+            from hardneg.stages.bm25_miner import BM25Index
 
             self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config)
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.base import MapStage, Resources
-from stages.models import model_fingerprint, resolve_model
+from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.models import model_fingerprint, resolve_model
 
 _BUCKET = 16
 
@@ -93,7 +93,7 @@ class EmbedStage(MapStage):
                 trust_remote_code=self.trust_remote_code,
             )
         except Exception as err:  # noqa: BLE001 - any failure to load is the model's: one line, exit 2
-            from stages.models import ModelLoadError
+            from hardneg.stages.models import ModelLoadError
 
             first = (str(err).strip().splitlines() or [""])[0][:300]
             raise ModelLoadError(f"embedding model {self.model!r} cannot be loaded: {err.__class__.__name__}: {first}") from None

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.base import MapStage, Resources
+from hardneg.stages.base import MapStage, Resources
 
 KEPT = "kept"
 SCORE_COLUMNS = {"dense": "dense_scores", "bm25": "bm25_scores", "cross_encoder": "ce_scores"}

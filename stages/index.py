@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.ann_index import IndexConfig, build_index
-from stages.base import GlobalStage
-from stages.io import ShardWriter, iter_batches, parquet_files, release_pages
+from hardneg.stages.ann_index import IndexConfig, build_index
+from hardneg.stages.base import GlobalStage
+from hardneg.stages.io import ShardWriter, iter_batches, parquet_files, release_pages
 
 
 class IndexStage(GlobalStage):

@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import schemas
-from stages.base import GlobalStage, InputError
-from stages.io import ShardWriter
+from hardneg import schemas
+from hardneg.stages.base import GlobalStage, InputError
+from hardneg.stages.io import ShardWriter
 
 MAX_TEXT_CHARS = 1_000_000  # longer texts are truncated by the models anyway; keep memory sane
 

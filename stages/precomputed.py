@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.base import GlobalStage, MapStage, Resources
-from stages.ingest import file_fingerprint
-from stages.io import ShardWriter, iter_batches, release_pages
+from hardneg.stages.base import GlobalStage, MapStage, Resources
+from hardneg.stages.ingest import file_fingerprint
+from hardneg.stages.io import ShardWriter, iter_batches, release_pages
 
 CHUNK = 65_536
 

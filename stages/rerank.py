@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.base import MapStage, Resources
-from stages.filters import KEPT, decide
-from stages.io import iter_batches
-from stages.models import model_fingerprint, resolve_model
+from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.filters import KEPT, decide
+from hardneg.stages.io import iter_batches
+from hardneg.stages.models import model_fingerprint, resolve_model
 
 
 class RerankStage(MapStage):

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-import schemas
-from stages.base import MapStage, Resources
-from stages.filters import KEPT, SCORE_COLUMNS, POSITIVE_COLUMNS
+from hardneg import schemas
+from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.filters import KEPT, SCORE_COLUMNS, POSITIVE_COLUMNS
 
 
 def pair_rng(seed: int, pair_id: str) -> np.random.Generator:
@@ -113,7 +113,7 @@ class SampleStage(MapStage):
     def setup(self) -> None:
         self._vectors = None
         if self.strategy == "mmr":
-            from stages.io import VectorFile, read_table
+            from hardneg.stages.io import VectorFile, read_table
 
             index_dir = Path(self.index_dir)
             self._vectors = VectorFile(index_dir / "vectors.npy")

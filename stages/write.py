@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import schemas
-from stages.base import GlobalStage
-from stages.filters import KEPT
-from stages.io import ShardWriter, count_rows, iter_batches, read_table
+from hardneg import schemas
+from hardneg.stages.base import GlobalStage
+from hardneg.stages.filters import KEPT
+from hardneg.stages.io import ShardWriter, count_rows, iter_batches, read_table
 
 METADATA = ["pair_id", "query_id", "positive_id", "positive_score", "positive_ce_score"]
 NEGATIVE_METADATA = [

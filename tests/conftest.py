@@ -28,7 +28,7 @@ def cranfield() -> Path:
 def cranfield_run(tmp_path_factory):
     """The README's main command, run once: `hardneg mine --beir examples/cranfield --out OUT
     --num-negatives 5 --format n-tuple --positives best` (Ray runner)."""
-    from pipeline import MineConfig, run_mine
+    from hardneg import MineConfig, run_mine
 
     root = tmp_path_factory.mktemp("cranfield")
     config = MineConfig(beir=CRANFIELD, out=root / "out", work_dir=root / "work", num_negatives=5,

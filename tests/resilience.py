@@ -45,7 +45,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def mine_cmd(beir: Path, out: Path, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(beir), "--out", str(out),
+    return [sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(beir), "--out", str(out),
             "--work-dir", str(work), *MINE_ARGS, *extra]
 
 
@@ -484,7 +484,7 @@ def tiny_model(tmp_path_factory) -> Path:
         from sentence_transformers import SentenceTransformer, models
         from transformers import AutoTokenizer, BertConfig, BertModel
 
-        from stages.models import resolve_model
+        from hardneg.stages.models import resolve_model
 
         root = tmp_path_factory.mktemp("tiny-model")
         tokenizer = AutoTokenizer.from_pretrained(resolve_model("all-MiniLM-L6-v2"))
@@ -507,7 +507,7 @@ def cli_in_process(args: list[str]) -> tuple[int, str]:
     import io
     from unittest import mock
 
-    from pipeline.cli import main
+    from hardneg.pipeline.cli import main
 
     # `-q` turns progress bars off through environment variables that libraries read when first
     # imported; in this process they may have been imported already.

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from stages import ann_index
-from stages.ann_index import AnnIndex, IndexConfig, build_index, gpu_available
+from hardneg.stages import ann_index
+from hardneg.stages.ann_index import AnnIndex, IndexConfig, build_index, gpu_available
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
@@ -268,8 +268,8 @@ def test_search_breadth_is_calibrated_on_the_queries_not_the_corpus(tmp_path: Pa
     """Queries far from the documents (here: a document plus heavy noise) need a wider search
     than the build-time calibration on corpus vectors chose; calibrating on a sample of the
     queries restores the recall bar on *other* queries of the same kind."""
-    from stages.ann_index import calibrate_on_queries, exact_top_k
-    from stages.io import VectorFile
+    from hardneg.stages.ann_index import calibrate_on_queries, exact_top_k
+    from hardneg.stages.io import VectorFile
 
     x = gaussian_mixture(30_000, 32, n_clusters=200, spread=0.04, seed=11)
     np.save(tmp_path / "vectors.npy", x)

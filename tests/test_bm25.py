@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from stages.bm25_miner import BM25Config, BM25Index, tokenize
+from hardneg.stages.bm25_miner import BM25Config, BM25Index, tokenize
 
 CRANFIELD = Path(__file__).parent.parent / "examples" / "cranfield"
 K = 20

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import CRANFIELD, read_qrels, write_beir
-from pipeline import evaluate as ev
+from hardneg.pipeline import evaluate as ev
 
 
 # ---------------------------------------------------------------------------- tiny, by hand
@@ -110,7 +110,7 @@ def test_eval_cli_writes_json_and_a_narrow_table(tiny, tmp_path):
     """The command end to end, ranks included (the tiny corpus embeds in seconds)."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from hardneg.pipeline.cli import app
 
     dataset = tiny_dataset(tmp_path / "out")
     out = tmp_path / "eval.json"
@@ -143,8 +143,8 @@ def test_cranfield_defaults_meet_the_false_negative_bar(warm_work_dir, tmp_path)
     """`hardneg mine --beir examples/cranfield --positives best --hide-extra-positives
     --num-negatives 5` with default filters, then `hardneg eval`: fn_rate <= 3%, median rank
     <= 15, coverage >= 98% — on the whole query set and on each half (odd / even query ids)."""
-    from pipeline import MineConfig, run_mine
-    from stages.io import iter_batches
+    from hardneg import MineConfig, run_mine
+    from hardneg.stages.io import iter_batches
 
     out = tmp_path / "out"
     result = run_mine(MineConfig(beir=CRANFIELD, out=out, work_dir=warm_work_dir, positives="best",
@@ -186,8 +186,8 @@ def test_cranfield_defaults_meet_the_false_negative_bar(warm_work_dir, tmp_path)
 def test_cranfield_positive_ranks_similarity_and_consistency(warm_work_dir, tmp_path):
     """positive_ranks and positive_similarity match a brute-force computation from the stored
     vectors, and the consistency filter rejects exactly the pairs whose positive ranks below k."""
-    from pipeline import MineConfig, run_mine
-    from stages.io import read_table
+    from hardneg import MineConfig, run_mine
+    from hardneg.stages.io import read_table
 
     out = tmp_path / "out"
     cfg = MineConfig(beir=CRANFIELD, out=out, work_dir=warm_work_dir, positives="all", num_negatives=5,

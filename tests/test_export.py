@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import schemas
-from pipeline.config import ConfigError
-from pipeline.export import content_id, export
-from stages.write import to_format, write_dataset
+from hardneg import schemas
+from hardneg.pipeline.config import ConfigError
+from hardneg.pipeline.export import content_id, export
+from hardneg.stages.write import to_format, write_dataset
 
 CRANFIELD = Path(__file__).parent.parent / "examples" / "cranfield"
 K = 3  # negatives per pair

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import schemas
-from pipeline.config import ConfigError, MineConfig, build_config
-from stages.filters import KEPT, QueryView, decide, drops, normalize_spec, reads_bm25, specs_from_config
-from stages.io import ShardWriter
-from stages.sample import SampleStage, mmr_pick, softmax_pick
-from stages.write import WriteStage
+from hardneg import schemas
+from hardneg.pipeline.config import ConfigError, MineConfig, build_config
+from hardneg.stages.filters import KEPT, QueryView, decide, drops, normalize_spec, reads_bm25, specs_from_config
+from hardneg.stages.io import ShardWriter
+from hardneg.stages.sample import SampleStage, mmr_pick, softmax_pick
+from hardneg.stages.write import WriteStage
 
 
 def row(n: int | None = None, **columns) -> dict:
@@ -324,7 +324,7 @@ def test_consistency_flags_and_writer_rejects(tmp_path):
     assert stats["rejected_pairs"] == {"positive_inconsistent": 2, "short_of_negatives": 1}
     assert stats["pairs_inconsistent"] == 2
     assert stats["decisions"] == {"kept": 7} and stats["candidates"] == 7
-    from stages.io import read_table
+    from hardneg.stages.io import read_table
 
     rejects = read_table(out / "rejects").to_pylist()
     inconsistent = [r for r in rejects if r["reason"] == "positive_inconsistent"]
@@ -346,9 +346,9 @@ def test_candidates_positive_ranks_and_similarity(tmp_path, exact_threshold):
     positive_similarity (highest cosine to a positive) against brute force; with the exact scan
     (small corpus) and, above index.exact_threshold, from the search: exact within its depth,
     depth + 1 beyond."""
-    from stages.ann_index import IndexConfig
-    from stages.candidates import CandidatesStage
-    from stages.index import IndexStage
+    from hardneg.stages.ann_index import IndexConfig
+    from hardneg.stages.candidates import CandidatesStage
+    from hardneg.stages.index import IndexStage
 
     rng = np.random.default_rng(5)
     n, dim = 300, 16
@@ -389,7 +389,7 @@ def test_candidates_positive_ranks_and_similarity(tmp_path, exact_threshold):
 
 
 def test_quotas_take_each_sources_best_then_fill_in_rank_order():
-    from stages.sample import SampleStage
+    from hardneg.stages.sample import SampleStage
 
     stage = SampleStage(num_negatives=4, strategy="top", seed=0, score="dense", quotas={"bm25": 2, "dense": 1})
     sources = [["dense"], ["dense"], ["dense", "bm25"], ["dense"], ["bm25"], ["bm25"]]

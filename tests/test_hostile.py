@@ -28,11 +28,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
-import schemas
-from pipeline.config import MineConfig
+from hardneg import schemas
+from hardneg.pipeline.config import MineConfig
 from resilience import Run, cli_in_process, env, leftovers, tiny_model
-from stages.ingest import IngestStage
-from stages.io import read_table
+from hardneg.stages.ingest import IngestStage
+from hardneg.stages.io import read_table
 
 WORDS = ("flow", "boundary", "layer", "shock", "wave", "heat", "transfer", "wing", "supersonic", "pressure",
          "jet", "plate", "laminar", "turbulent", "mach", "number", "viscous", "slender", "body", "cone")
@@ -363,7 +363,7 @@ def test_hostile_files_through_the_real_command_line(tmp_path, tiny):
     write_lines(beir / "queries.jsonl", queries)
     write_lines(beir / "qrels" / "test.tsv", qrels)
     out = tmp_path / "out"
-    run = Run([sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(beir), "--out", str(out), "--work-dir",
+    run = Run([sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(beir), "--out", str(out), "--work-dir",
                str(tmp_path / "work"), "--model", str(tiny), "--runner", "local", "--num-negatives", "2",
                "--positives", "all"], tmp_path, "hostile")
     assert run.wait(600) == 0, run.stderr[-3000:]
@@ -522,7 +522,7 @@ def test_fatal_error_through_the_real_command_line(tmp_path, small):
     """The one-line contract holds for a real process too (not only for main() in-process)."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(small), "--out", str(blocker / "out"),
+    proc = subprocess.run([sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(small), "--out", str(blocker / "out"),
                            "--runner", "local", "-q"], capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hardneg: error: "), proc.stderr

@@ -32,7 +32,7 @@ def _args(small_beir: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hub_out(small_beir) -> Path:
-    from pipeline import MineConfig, run_mine
+    from hardneg import MineConfig, run_mine
 
     out = _root(small_beir) / "hub"
     config = MineConfig(beir=small_beir, out=out, layout="hub", positives="best", num_negatives=3,
@@ -89,7 +89,7 @@ def test_card_parses_with_huggingface_hub(hub_out):
 
 
 def test_card_body_config_models_stats_eval(hub_out):
-    from stages.models import model_fingerprint
+    from hardneg.stages.models import model_fingerprint
 
     text = (hub_out / "README.md").read_text()
     _, body = _front_matter(text)

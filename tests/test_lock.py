@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.store import FileLock, LockedError, WorkDir
+from hardneg.pipeline.store import FileLock, LockedError, WorkDir
 from resilience import Run, Watcher, assert_same_rows, copy_work, leftovers, mine_cmd, reference_run, stage_folders
 
 

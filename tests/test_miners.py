@@ -9,7 +9,7 @@ import datasets
 import pytest
 
 from helpers import read_jsonl
-from pipeline import MineConfig, run_mine
+from hardneg import MineConfig, run_mine
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def tiny_cross_encoder(tmp_path_factory, small_beir) -> Path:
 
 
 def test_tiny_cross_encoder_loads_through_the_user_path(tiny_cross_encoder):
-    from stages.rerank import RerankStage
+    from hardneg.stages.rerank import RerankStage
 
     stage = RerankStage(model=str(tiny_cross_encoder), specs=[], corpus_dir=Path("."), max_length=64)
     from sentence_transformers import CrossEncoder

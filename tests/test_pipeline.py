@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from helpers import CRANFIELD, read_qrels, write_beir, read_jsonl
-from pipeline import MineConfig, run_mine
+from hardneg import MineConfig, run_mine
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_changing_num_negatives_reruns_only_sampling_and_writing(cranfield_run, 
 
 def test_cli_rerun_log_names_reused_stages(cranfield_run, warm_work_dir, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(CRANFIELD), "--out", str(out),
+    cmd = [sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(CRANFIELD), "--out", str(out),
            "--num-negatives", "5", "--format", "n-tuple", "--positives", "best", "--work-dir", str(warm_work_dir),
            "--runner", "local"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -76,7 +76,7 @@ def test_cli_rerun_log_names_reused_stages(cranfield_run, warm_work_dir, tmp_pat
     (["--model", "/nonexistent/model"], "no model found"),
 ])
 def test_config_errors_are_one_line_and_exit_2(small_beir, tmp_path, args, needle):
-    cmd = [sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(small_beir), "--out", str(tmp_path / "o"),
+    cmd = [sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(small_beir), "--out", str(tmp_path / "o"),
            "--runner", "local", "-q", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -87,7 +87,7 @@ def test_config_errors_are_one_line_and_exit_2(small_beir, tmp_path, args, needl
 
 
 def test_missing_input_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "mine", "--beir", str(tmp_path / "nope"),
+    proc = subprocess.run([sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing corpus.jsonl" in proc.stderr
 
@@ -117,7 +117,7 @@ def test_mined_dataset_trains_two_steps(small_beir, tmp_path):
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    from stages.models import resolve_model
+    from hardneg.stages.models import resolve_model
 
     out = tmp_path / "out"
     run_mine(MineConfig(beir=small_beir, out=out, runner="local", num_negatives=2, positives="best"), progress=False)

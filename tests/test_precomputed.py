@@ -15,9 +15,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from scale import make_inputs  # noqa: E402  (the benchmark's generator: one definition)
 
-from pipeline.config import MineConfig  # noqa: E402
-from pipeline.runner import Pipeline  # noqa: E402
-from stages.io import read_table  # noqa: E402
+from hardneg.pipeline.config import MineConfig  # noqa: E402
+from hardneg.pipeline.runner import Pipeline  # noqa: E402
+from hardneg.stages.io import read_table  # noqa: E402
 
 
 def test_precomputed_vectors_with_an_approximate_index(tmp_path):

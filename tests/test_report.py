@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def report_run(small_beir):
     """A run whose filters drop candidates and leave some pairs short of negatives, so every
     plot has something to show. Beside test_hub_layout's output: same work dir, one embedding."""
-    from pipeline import MineConfig, run_mine
+    from hardneg import MineConfig, run_mine
 
     out = small_beir.parent / "ecosystem" / "report"
     config = MineConfig(beir=small_beir, out=out, positives="best", num_negatives=3, miners=["dense", "bm25"],
@@ -68,7 +68,7 @@ def test_report_is_self_contained_with_every_plot(report_run, report_html):
     # The tables beside the plots, and the evaluation against the qrels.
     assert "short_of_negatives" in text and "max_score" in text and "negative (bm25)" in text
     try:
-        from pipeline.evaluate import evaluate  # noqa: F401
+        from hardneg.pipeline.evaluate import evaluate  # noqa: F401
     except ImportError:
         assert "eval unavailable" in text
     else:
@@ -125,7 +125,7 @@ def _lines_fit(console) -> list[str]:
 def test_summary_fits_100_columns(report_run):
     from rich.console import Console
 
-    from pipeline.summary import print_summary
+    from hardneg.pipeline.summary import print_summary
 
     console = Console(width=100, record=True, file=io.StringIO(), force_terminal=False)
     print_summary(report_run, console)
@@ -139,8 +139,8 @@ def test_summary_fits_100_columns_with_long_names():
 
     from rich.console import Console
 
-    from pipeline.summary import print_summary
-    from stages.base import StageResult
+    from hardneg.pipeline.summary import print_summary
+    from hardneg.stages.base import StageResult
 
     score = {"count": 123456789, "mean": -12345.678901, "std": 9876.54321, "min": -99999.9999, "25%": 0.1,
              "50%": 0.2, "75%": 0.3, "max": 99999.9999}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import MineConfig, build_config
-from pipeline.runner import Pipeline
+from hardneg.pipeline.config import MineConfig, build_config
+from hardneg.pipeline.runner import Pipeline
 from resilience import ROOT, cli_in_process, tiny_model
-from stages.base import StageResult
+from hardneg.stages.base import StageResult
 
 WORDS = ("flow", "boundary", "layer", "shock", "wave", "heat", "transfer", "wing", "supersonic", "pressure")
 

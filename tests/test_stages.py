@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import schemas
+from hardneg import schemas
 from helpers import write_beir
-from pipeline.config import MineConfig
-from stages.ingest import IngestStage, content_id
-from stages.io import read_table
+from hardneg.pipeline.config import MineConfig
+from hardneg.stages.ingest import IngestStage, content_id
+from hardneg.stages.io import read_table
 
 
 def ingest(tmp_path: Path, **keys) -> tuple[Path, dict]:
@@ -99,7 +99,7 @@ def test_pair_file_bad_rows_are_rejected_as_pairs(tmp_path):
 
 
 def test_embedding_does_not_depend_on_the_batch(tmp_path):
-    from stages.embed import EmbedStage
+    from hardneg.stages.embed import EmbedStage
 
     texts = ["a short text", "a much longer text about the lift of a wing in a slipstream " * 5, "drag", "another one"]
     stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", micro_batch_size=2, threads=1)
@@ -135,7 +135,7 @@ def mined_rows() -> pa.Table:
     ("labeled-list", 2, ["query", "passages", "labels"]),
 ])
 def test_output_formats(fmt, rows, columns):
-    from stages.write import to_format
+    from hardneg.stages.write import to_format
 
     mined = mined_rows()
     if fmt in ("n-tuple", "triplet"):
@@ -157,7 +157,7 @@ def test_cuda_embedding_matches_cpu():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible")
-    from stages.embed import EmbedStage
+    from hardneg.stages.embed import EmbedStage
 
     texts = ["lift of a wing", "boundary layer transition at hypersonic speeds"]
     cpu = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text")
@@ -180,7 +180,7 @@ def _mapped_kib(path: Path) -> int:
 
 
 def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path):
-    from stages.io import VectorFile
+    from hardneg.stages.io import VectorFile
 
     path = tmp_path / "vectors.npy"
     matrix = np.random.default_rng(0).standard_normal((100_000, 96)).astype(np.float32)  # 37 MiB
