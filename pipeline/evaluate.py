@@ -32,17 +32,13 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from hardneg.pipeline.config import ConfigError
+from hardneg.pipeline.errors import EvalError
 
 log = logging.getLogger("hardneg")
 
 CORPUS_CHUNK = 16_384  # corpus rows per block of the rank scan
 QUERY_BLOCK = 256  # queries per block of the rank scan
 TIE = 1e-6  # a document scoring within this of a negative does not count as higher (float32 rounding)
-
-
-class EvalError(ConfigError):
-    """A problem with eval's inputs, reported in one line (exit code 2)."""
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -244,6 +240,11 @@ def evaluate(
     qrels = read_qrels(beir, split)
     keep = set(query_ids) if query_ids is not None else None
     groups = [g for g in read_groups(dataset) if keep is None or g["query_id"] in keep]
+    mined_queries = {g["query_id"] for g in groups}
+    if mined_queries and not mined_queries & qrels.keys():
+        # Every figure would be 0 or empty, which reads as a perfect dataset: refuse instead.
+        raise EvalError(f"none of the {len(mined_queries)} query ids of {dataset} is judged in {beir}/qrels/{split}.tsv: "
+                        "give the BEIR folder the dataset was mined from")
     k = int(mined.get("num_negatives") or max((len(g["negative_ids"]) for g in groups), default=0))
     judged = {q for q, docs in qrels.items() if docs and (keep is None or q in keep)}
     covered = {g["query_id"] for g in groups if len(g["negative_ids"]) >= k and g["query_id"] in judged}
