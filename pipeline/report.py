@@ -392,7 +392,9 @@ def write_report(out: Path, html_file: Path, beir: Path | None = None) -> Path:
         raise ReportError(f"BEIR folder not found: {beir}")
     if beir is not None:
         split = (load_stats(out).get("config") or {}).get("split") or "test"
-        if not (Path(beir) / "qrels" / f"{split}.tsv").is_file():
+        from hardneg.stages.ingest import beir_file
+
+        if beir_file(Path(beir), f"qrels/{split}.tsv") is None:
             raise ReportError(f"BEIR folder {beir}: missing qrels/{split}.tsv (the split {out} was mined from)")
     text = render_report(out, beir)
     html_file = Path(html_file)

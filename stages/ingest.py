@@ -329,7 +329,10 @@ class IngestStage(GlobalStage):
 
     def _read_beir(self, folder: Path, corpus: ShardWriter, rejects: Rejects):
         seen = self._read_corpus_jsonl(_beir_path(folder, "corpus.jsonl"), corpus, rejects)
-        queries_path = _beir_path(folder, "queries.jsonl")
+        self._read_queries(_beir_path(folder, "queries.jsonl"), seen, rejects)
+        return self._read_judgements(folder, seen, rejects)
+
+    def _read_queries(self, queries_path: Path, seen: _Collected, rejects: Rejects) -> None:
         for line, obj in _iter_jsonl(queries_path, rejects):
             query_id = _as_id(obj.get("_id"))
             text = _as_text(obj.get("text"))
@@ -342,6 +345,7 @@ class IngestStage(GlobalStage):
             else:
                 seen.queries[query_id] = text
 
+    def _read_judgements(self, folder: Path, seen: _Collected, rejects: Rejects):
         qrels_name = f"qrels/{self.config.split}.tsv"
         # With positives=all every positive judgement is an input pair; with positives=best each
         # judged query is one, so a bad judgement line is a pair only in the first case.
@@ -448,16 +452,7 @@ class IngestStage(GlobalStage):
                 new_docs.append({"doc_id": doc_id, "text": positive})
             pairs.append((query_id, doc_id))
         corpus.write_rows(new_docs)
-        masks: dict[str, list[str]] = {}
-        deduped: list[tuple[str, str]] = []
-        seen_pairs: set[tuple[str, str]] = set()
-        for query_id, doc_id in pairs:
-            if (query_id, doc_id) in seen_pairs:
-                rejects.add(source, None, f"{query_id}:{doc_id}", "duplicate_pair", pair=True)
-                continue
-            seen_pairs.add((query_id, doc_id))
-            deduped.append((query_id, doc_id))
-            masks.setdefault(query_id, []).append(doc_id)
+        deduped, masks = _dedupe_pairs(pairs, source, rejects)
         return deduped, masks, seen.queries, seen
 
     def _read_corpus_file(self, path: Path, corpus: ShardWriter, rejects: Rejects, seen: _Collected) -> _Collected:
@@ -525,6 +520,21 @@ class IngestStage(GlobalStage):
                 ]
             )
         return {"pairs": len(pairs), "queries": len(grouped)}
+
+
+def _dedupe_pairs(pairs: list[tuple[str, str]], source: str, rejects: Rejects):
+    """The pairs without repeats (rejected as duplicate_pair), and each query's positives."""
+    masks: dict[str, list[str]] = {}
+    deduped: list[tuple[str, str]] = []
+    seen_pairs: set[tuple[str, str]] = set()
+    for query_id, doc_id in pairs:
+        if (query_id, doc_id) in seen_pairs:
+            rejects.add(source, None, f"{query_id}:{doc_id}", "duplicate_pair", pair=True)
+            continue
+        seen_pairs.add((query_id, doc_id))
+        deduped.append((query_id, doc_id))
+        masks.setdefault(query_id, []).append(doc_id)
+    return deduped, masks
 
 
 def _beir_path(folder: Path, name: str) -> Path:

@@ -551,6 +551,7 @@ def test_gzipped_beir_folder_is_read_like_the_plain_one(tmp_path, small, tiny):
     assert cli_in_process(_args(small, plain_out, tmp_path / "w1", tiny))[0] == 0
     _gzip(small / "corpus.jsonl")
     _gzip(small / "queries.jsonl")
+    _gzip(small / "qrels" / "test.tsv")
     out = tmp_path / "gz"
     code, stderr = cli_in_process(_args(small, out, tmp_path / "w2", tiny))
     assert code == 0, stderr
