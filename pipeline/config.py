@@ -141,8 +141,6 @@ class MineConfig(BaseModel):
         for source in self.quotas or {}:
             if source not in self.miners:
                 raise ValueError(f"quotas.{source}: {source} is not among the miners ({','.join(self.miners)})")
-        if self.quotas and sum(self.quotas.values()) > self.num_negatives:
-            raise ValueError(f"quotas add up to {sum(self.quotas.values())}, more than num_negatives={self.num_negatives}")
         if self.score == "cross_encoder" and not self.cross_encoder:
             raise ValueError("score=cross_encoder needs a cross_encoder")
         if self.range_min >= self.range_max:

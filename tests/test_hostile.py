@@ -675,7 +675,6 @@ def test_index_gpu_on_without_a_gpu_fails_at_config_time(tmp_path, small, tiny):
     (["--num-negatives", "20", "--set", "range_max=10"], "can never be met"),
     (["--set", "quotas={dense: -1}"], "cannot be negative"),
     (["--set", "quotas={bm25: 1}"], "not among the miners"),
-    (["--set", "quotas={dense: 3}", "--num-negatives", "2"], "more than num_negatives"),
 ])
 def test_impossible_sampling_settings_fail_at_config_time(tmp_path, small, tiny, setting, words):
     out = tmp_path / "o" / "out"
