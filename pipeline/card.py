@@ -315,8 +315,7 @@ def check_push(repo_id: str) -> None:
                           "(the default model's weights are packaged: mining still needs no download)")
 
 
-class PushError(RuntimeError):
-    """Uploading an output to the Hub failed (the data stays on disk): one line, exit 2."""
+from hardneg.pipeline.errors import PushError  # noqa: E402,F401 - re-exported
 
 
 def push_to_hub(out_dir: Path, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:

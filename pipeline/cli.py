@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from hardneg.pipeline.config import ConfigError, build_config, describe_keys
+from hardneg.pipeline.config import build_config, describe_keys
+from hardneg.pipeline.errors import ConfigError, Interrupted, interrupted_message, user_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mine hard negatives for embedding and reranker training.")
@@ -146,20 +149,53 @@ def export_(
     print(f"wrote {rows} rows to {out_file}")
 
 
-def main() -> None:
-    """Entry point: every user error is one line on stderr and exit code 2, never a traceback."""
-    from hardneg.pipeline.errors import user_error_message
+def _raise_on_sigterm(signum, frame) -> None:
+    # One shot: a second SIGTERM during the cleanup kills at once (the default action).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Interrupted(signum)
 
+
+def _interrupted(signum: int) -> None:
+    print(f"hardneg: {interrupted_message(signum)}", file=sys.stderr)
+    if "ray" in sys.modules:
+        # The run's cleanup (temp folders, locks, ray.shutdown) has run in its finally blocks.
+        # After a SIGTERM, Ray's own signal handler leaves its core worker in a state that
+        # aborts (SIGABRT) while the interpreter finalises: exit here, with the code we mean.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    sys.exit(128 + signum)
+
+
+def main() -> None:
+    """Entry point: every user error is one line on stderr and exit code 2, never a traceback;
+    an interrupted run (SIGINT, SIGTERM) is one line and exit code 130 / 143."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SystemExit as exit_:
+        # ray.init() replaces the SIGTERM handler with one that calls sys.exit(SIGTERM): nothing
+        # else in hardneg exits with 15, so that exit is a SIGTERM too.
+        if exit_.code == signal.SIGTERM:
+            _interrupted(signal.SIGTERM)
         raise
+    except KeyboardInterrupt:  # raised outside the command (typer catches it inside)
+        _interrupted(signal.SIGINT)
+    except Interrupted as interrupted:
+        _interrupted(interrupted.signum)
     except BaseException as err:  # noqa: BLE001 - classified below
         message = user_error_message(err)
         if message is None:
             raise
         print(f"hardneg: error: {message}", file=sys.stderr)
         sys.exit(2)
+    # typer turns a KeyboardInterrupt inside the command into the return value 130.
+    if code == 128 + signal.SIGINT:
+        _interrupted(signal.SIGINT)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 @app.command("report")

@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hardneg.pipeline.errors import ConfigError
 from hardneg.stages.ann_index import IndexConfig
 from hardneg.stages.bm25_miner import BM25Config
 from hardneg.stages.models import DEFAULT_MODEL
@@ -28,10 +29,6 @@ DEFAULT_FILTERS: list[dict] = [
     {"type": "percentile", "value": 65, "score": "bm25"},
 ]
 DEFAULT_SAMPLING = "top"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported in one line with exit code 2."""
 
 
 class MineConfig(BaseModel):
@@ -115,8 +112,35 @@ class MineConfig(BaseModel):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
+    @field_validator("index", mode="before")
+    @classmethod
+    def _gpu_words(cls, value):
+        # YAML (and so --set) reads the README's `on` / `off` as booleans.
+        if isinstance(value, dict) and isinstance(value.get("gpu"), bool):
+            value = {**value, "gpu": "on" if value["gpu"] else "off"}
+        return value
+
+    @field_validator("quotas")
+    @classmethod
+    def _check_quotas(cls, value):
+        for source, quota in (value or {}).items():
+            if quota < 0:
+                raise ValueError(f"quotas.{source} is {quota}: a quota counts negatives, it cannot be negative")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "MineConfig":
+        if self.index.index != "auto":
+            check_factory_string(self.index.index)
+        # Candidates per pair: range_max per miner, fused, then the top range_min skipped.
+        most = self.range_max * len(self.miners) - self.range_min
+        if self.num_negatives > most:
+            raise ValueError(f"num_negatives={self.num_negatives} can never be met: a pair has at most {most} candidates "
+                             f"(range_max={self.range_max} per miner x {len(self.miners)} miner(s) - range_min={self.range_min}); "
+                             "raise range_max or lower num_negatives")
+        for source in self.quotas or {}:
+            if source not in self.miners:
+                raise ValueError(f"quotas.{source}: {source} is not among the miners ({','.join(self.miners)})")
         if self.score == "cross_encoder" and not self.cross_encoder:
             raise ValueError("score=cross_encoder needs a cross_encoder")
         if self.range_min >= self.range_max:
@@ -137,21 +161,56 @@ class MineConfig(BaseModel):
         return self
 
     def check_inputs(self, require_out: bool = True) -> None:
-        """Input-level checks the model validators cannot do (files exist, one source given)."""
+        """Checks the model validators cannot do (files exist, one source given, the machine has
+        what the config asks for), made before anything is read or computed."""
+        from hardneg.stages.ingest import beir_file, check_table_format
+
         if (self.beir is None) == (self.pairs is None):
             raise ConfigError("give exactly one input: --beir DIR or --pairs FILE")
         if self.beir is not None:
             for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{self.split}.tsv"):
-                if not (self.beir / name).is_file():
+                if beir_file(self.beir, name) is None:
                     raise ConfigError(f"BEIR folder {self.beir}: missing {name}")
         if self.pairs is not None and not self.pairs.exists():
             raise ConfigError(f"pair file not found: {self.pairs}")
         if self.corpus is not None and not self.corpus.exists():
             raise ConfigError(f"corpus file not found: {self.corpus}")
+        for what, path in (("pair", self.pairs), ("corpus", self.corpus)):
+            if path is not None:
+                check_table_format(Path(path), what)
+        if self.index.gpu == "on":
+            from hardneg.stages.ann_index import gpu_available
+
+            if not gpu_available():
+                raise ConfigError("index.gpu=on but faiss sees no usable GPU (it needs faiss-gpu and a visible CUDA "
+                                  "device): use index.gpu=auto or off")
         if self.corpus_embeddings is not None and not self.corpus_embeddings.exists():
             raise ConfigError(f"corpus embeddings not found: {self.corpus_embeddings}")
         if require_out and self.out is None:
             raise ConfigError("give an output folder: --out DIR")
+
+
+# Embedding sizes a factory string is tried with: whatever the model, a string that parses for
+# none of them is not a FAISS index (6720 = 2^6*3*5*7 divides most PQ/OPQ sub-quantizer counts).
+# The runner checks it again with the real dimension before building the index.
+_FACTORY_DIMS = (384, 768, 1024, 6720)
+
+
+def check_factory_string(factory: str, dims: tuple[int, ...] = _FACTORY_DIMS) -> None:
+    """Refuse, before any embedding, an `index.index` FAISS cannot build (one line)."""
+    import faiss
+
+    last = ""
+    for d in dims:
+        try:
+            faiss.index_factory(int(d), factory, faiss.METRIC_INNER_PRODUCT)
+            return
+        except RuntimeError as err:  # faiss reports a bad string as a C++ exception
+            last = (str(err).strip().splitlines() or [""])[-1]
+    reason = last.rsplit(": ", 1)[-1][:160] if last else "not parsed"
+    where = "" if len(dims) > 1 else f" for {dims[0]}-dimensional vectors"
+    raise ConfigError(f"index.index={factory!r} is not a FAISS index factory string{where} ({reason}); "
+                      "e.g. Flat, IVF4096,SQfp16, HNSW32, or auto")
 
 
 def describe_keys() -> str:

@@ -24,6 +24,7 @@ corpus matrix beyond one chunk.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from hardneg.pipeline.config import ConfigError
+from hardneg.pipeline.errors import EvalError
 
 log = logging.getLogger("hardneg")
 
@@ -41,18 +42,17 @@ QUERY_BLOCK = 256  # queries per block of the rank scan
 TIE = 1e-6  # a document scoring within this of a negative does not count as higher (float32 rounding)
 
 
-class EvalError(ConfigError):
-    """A problem with eval's inputs, reported in one line (exit code 2)."""
-
-
 # ---------------------------------------------------------------------------- inputs
 def read_qrels(beir: Path, split: str) -> dict[str, dict[str, float]]:
     """query id -> {doc id: grade} for the relevant judgements (grade > 0) of a BEIR split."""
-    path = Path(beir) / "qrels" / f"{split}.tsv"
-    if not path.is_file():
+    from hardneg.stages.ingest import beir_file
+
+    path = beir_file(Path(beir), f"qrels/{split}.tsv")
+    if path is None:
         raise EvalError(f"BEIR folder {beir}: missing qrels/{split}.tsv")
     qrels: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             cells = line.rstrip("\r\n").split("\t")
             if len(cells) < 3 or (number == 1 and cells[0] in ("query-id", "query_id", "qid")):
@@ -211,6 +211,15 @@ def filter_breakdown(filter_dir: Path, qrels: dict[str, dict[str, float]], query
     return dict(sorted(out.items(), key=lambda kv: (kv[0] != "kept", kv[0])))
 
 
+def _check_judged(groups: list[dict[str, Any]], qrels: dict, dataset: Path, beir: Path, split: str) -> None:
+    """Against qrels that judge none of the dataset's queries every figure would be 0 or empty,
+    which reads as a perfect dataset: refuse instead (one line)."""
+    mined = {g["query_id"] for g in groups}
+    if mined and not mined & qrels.keys():
+        raise EvalError(f"none of the {len(mined)} query ids of {dataset} is judged in {beir}/qrels/{split}.tsv: "
+                        "give the BEIR folder the dataset was mined from")
+
+
 def _default_work_dir(dataset: Path, stats: dict[str, Any]) -> Path:
     configured = (stats.get("config") or {}).get("work_dir")
     if configured:
@@ -244,6 +253,7 @@ def evaluate(
     qrels = read_qrels(beir, split)
     keep = set(query_ids) if query_ids is not None else None
     groups = [g for g in read_groups(dataset) if keep is None or g["query_id"] in keep]
+    _check_judged(groups, qrels, dataset, beir, split)
     k = int(mined.get("num_negatives") or max((len(g["negative_ids"]) for g in groups), default=0))
     judged = {q for q, docs in qrels.items() if docs and (keep is None or q in keep)}
     covered = {g["query_id"] for g in groups if len(g["negative_ids"]) >= k and g["query_id"] in judged}

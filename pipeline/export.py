@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hardneg.pipeline.config import ConfigError
+from hardneg.pipeline.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ def export(dataset_dir: Path, to: str, out_file: Path) -> int:
         raise ConfigError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
     dataset_dir = Path(dataset_dir)
     out_file = Path(out_file)
+    if out_file.resolve().is_relative_to(dataset_dir.resolve()):
+        raise ExportError(f"--out {out_file} is inside the dataset {dataset_dir}: write the export elsewhere "
+                          "(it would replace or add to the dataset's own files)")
     columns, batches = _open(dataset_dir)
     reader = _reader_for(columns, dataset_dir)
     # Scores: positive_score + negative_scores (n-tuple, labeled-list) or negative_score

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hardneg.pipeline.card import format_value  # one number format for the card and the report
-from hardneg.pipeline.config import ConfigError
+from hardneg.pipeline.errors import ReportError, UserError
 
 log = logging.getLogger("hardneg")
 
@@ -31,10 +31,6 @@ _SHORT_DETAIL = re.compile(r"^(\d+) of (\d+) negatives")
 _COLORS = {"positive": "#2b8a3e", "negative": "#c92a2a", "dense": "#1c7ed6", "bm25": "#e8590c", "kept": "#2b8a3e",
            "cross_encoder": "#7048e8"}
 _PALETTE = ["#1c7ed6", "#e8590c", "#7048e8", "#0c8599", "#e64980", "#5c940d", "#862e9c", "#a61e4d"]
-
-
-class ReportError(ConfigError):
-    """The folder is not a hardneg output (one line, exit 2, like a config error)."""
 
 
 # ---------------------------------------------------------------------- reading an output
@@ -282,6 +278,8 @@ def eval_section(out: Path, beir: Path | None) -> str:
         return "<p class=\"muted\" id=\"eval-unavailable\">eval unavailable (this hardneg has no pipeline.evaluate)</p>"
     try:
         result = evaluate(Path(beir), Path(out))
+    except UserError:  # a wrong --beir is the user's to fix, as in `hardneg eval`: one line, exit 2
+        raise
     except Exception as err:  # noqa: BLE001 - the rest of the report is still worth having
         log.warning("evaluation failed: %s", err)
         first = (str(err).splitlines() or [type(err).__name__])[0]
@@ -392,6 +390,12 @@ def write_report(out: Path, html_file: Path, beir: Path | None = None) -> Path:
         raise ReportError(f"output folder not found: {out}")
     if beir is not None and not Path(beir).is_dir():
         raise ReportError(f"BEIR folder not found: {beir}")
+    if beir is not None:
+        split = (load_stats(out).get("config") or {}).get("split") or "test"
+        from hardneg.stages.ingest import beir_file
+
+        if beir_file(Path(beir), f"qrels/{split}.tsv") is None:
+            raise ReportError(f"BEIR folder {beir}: missing qrels/{split}.tsv (the split {out} was mined from)")
     text = render_report(out, beir)
     html_file = Path(html_file)
     html_file.parent.mkdir(parents=True, exist_ok=True)

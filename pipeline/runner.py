@@ -59,6 +59,13 @@ def _test_pause(stage: str) -> None:
         time.sleep(float(seconds or 3600))
 
 
+def resolve_output(out: Path) -> Path:
+    """A symlink to a folder stands for that folder: the output is written there (and the link
+    is kept). Any other symlink is refused by check_output."""
+    out = Path(out)
+    return out.resolve() if out.is_symlink() and out.resolve().is_dir() else out
+
+
 def check_output(out: Path) -> None:
     """Refuse an output path hardneg must not replace: an existing file, or a folder with
     anything in it that hardneg did not write (a run replaces its output folder whole)."""
@@ -67,6 +74,34 @@ def check_output(out: Path) -> None:
     if out.is_dir() and not (out / "hardneg.json").is_file() and any(out.iterdir()):
         raise ConfigError(f"output folder {out} exists and is not a hardneg output: refusing to replace it "
                           "(give a new or empty folder)")
+
+
+def check_apart(out: Path, work: Path) -> None:
+    """The output is replaced whole on every write and the work dir holds the cache: one inside
+    the other would destroy the cache or fill the dataset folder with stage folders."""
+    o, w = Path(out).resolve(), Path(work).resolve()
+    if o == w or w.is_relative_to(o) or o.is_relative_to(w):
+        where = "is" if o == w else ("is inside" if w.is_relative_to(o) else "contains")
+        raise ConfigError(f"the work dir {work} {where} the output {out}: give them separate folders "
+                          "(the default work dir is .hardneg-work beside the output)")
+
+
+def output_files(folder: Path) -> dict[str, int]:
+    """Every file of an output folder (relative path -> size), as its manifest records them."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def output_is_whole(out: Path, manifest: dict[str, Any]) -> bool:
+    """Every file the manifest lists exists with its size. An old manifest lists none: rebuilt."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, size in files.items():
+        path = Path(out) / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
 
 
 def clean_output_temps(out: Path) -> int:
@@ -98,7 +133,7 @@ class Pipeline:
     def __init__(self, config: MineConfig, *, progress: bool = True, require_out: bool = True) -> None:
         config.check_inputs(require_out=require_out)
         self.config = config
-        self.out = Path(config.out) if config.out else None
+        self.out = resolve_output(Path(config.out)) if config.out else None
         if config.work_dir:
             self.work = WorkDir(Path(config.work_dir))
         elif self.out is not None:
@@ -163,6 +198,7 @@ class Pipeline:
         if c.cross_encoder:
             check_model(c.cross_encoder, "cross-encoder")
         check_output(self.out)
+        check_apart(self.out, self.work.root)
         with self.work.lock(), FileLock(self.out.parent / f".{self.out.name}.lock", f"output {self.out}"):
             self.work.clean_temps()
             clean_output_temps(self.out)
@@ -222,6 +258,11 @@ class Pipeline:
         else:
             corpus = self._run(self._embed("embed_corpus", c.corpus_prompt, "doc_id", keep=False), [corpus_fp], {},
                                map_input=ingest_dir / "corpus")
+        if c.index.index != "auto":  # parsed at config time; now with the vectors' real size
+            from hardneg.pipeline.config import check_factory_string
+            from hardneg.stages.index import embedding_dim
+
+            check_factory_string(c.index.index, (embedding_dim(corpus.path),))
         index = self._run(IndexStage(c.index), [corpus_fp, corpus],
                           {"corpus": ingest_dir / "corpus", "embeddings": corpus.path})
         return ingest, queries, index, corpus_fp
@@ -287,10 +328,12 @@ class Pipeline:
             import json
 
             old = json.loads(manifest.read_text())
-            if old.get("fingerprint") == fp:
+            if old.get("fingerprint") == fp and output_is_whole(self.out, old):
                 log.info("%-16s reused  (%s)", stage.name, fp[:12])
                 self.results.append(StageResult(stage.name, self.out, fp, reused=True))
                 return old.get("stats", {})
+            if old.get("fingerprint") == fp:
+                log.warning("the output %s is damaged (a file is missing or changed size): writing it again", self.out)
         started = time.monotonic()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.parent / f".tmp-{self.out.name}-{os.getpid()}"
@@ -306,7 +349,8 @@ class Pipeline:
 
                 write_card(tmp, self.config, stats)
             _test_pause(stage.name)
-            commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION}, name=manifest.name)
+            commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION,
+                                       "files": output_files(tmp)}, name=manifest.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

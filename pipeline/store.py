@@ -20,13 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from hardneg import schemas
+from hardneg.pipeline.errors import LockedError
 
 CODE_VERSION = "0.1.0"
 MANIFEST = "manifest.json"
-
-
-class LockedError(RuntimeError):
-    """Another hardneg run holds the work dir or the output."""
 
 
 def fingerprint(stage_name: str, stage_version: str, config: dict[str, Any], upstream: list[str]) -> str:

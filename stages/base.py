@@ -16,9 +16,8 @@ from typing import Any
 import pyarrow as pa
 
 
-class InputError(ValueError):
-    """An input that cannot be used at all (not a bad row: those are rejects), such as an
-    unreadable file. Reported in one line with exit code 2 (pipeline/errors.py)."""
+# An input that cannot be used at all (not a bad row: those are rejects); one line, exit 2.
+from hardneg.pipeline.errors import InputError  # noqa: E402,F401 - re-exported
 
 
 @dataclass

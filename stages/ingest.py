@@ -7,8 +7,12 @@ wins), a judgement that points at a missing document or query — each becomes a
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,29 +82,121 @@ class Rejects:
         self._buffer = []
 
 
+# Table files by name (a trailing .gz is gzip: BEIR collections are often shipped so). A name
+# outside this list is refused, never guessed at: a misread file would look like bad rows.
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+FORMAT_NAMES = ".jsonl, .csv, .tsv (each optionally .gz), .parquet"
+
+
+def beir_file(folder: Path, name: str) -> Path | None:
+    """`name` in a BEIR folder, or its gzipped `name.gz`; None if neither is a file."""
+    for candidate in (Path(folder) / name, Path(folder) / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def table_format(path: Path) -> str | None:
+    """jsonl, csv, tsv, parquet, or datasets (a save_to_disk folder); None if the name says none."""
+    path = Path(path)
+    if path.is_dir():
+        return "datasets"
+    name = path.name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    return FORMATS.get(Path(name).suffix)
+
+
+def check_table_format(path: Path, what: str) -> str:
+    """The format of a pair or corpus file, or a one-line InputError naming what it is not."""
+    fmt = table_format(path)
+    if fmt is None:
+        raise InputError(f"{what} file {path}: unknown format {''.join(Path(path).suffixes) or '(no suffix)'}: "
+                         f"give {FORMAT_NAMES}" + (" or a datasets save_to_disk folder" if what == "pair" else ""))
+    if fmt == "datasets" and what != "pair":
+        raise InputError(f"{what} file {path} is a folder: give a {FORMAT_NAMES} file")
+    if fmt == "parquet" and Path(path).name.lower().endswith(".gz"):
+        raise InputError(f"{what} file {path}: Parquet compresses itself: give the .parquet file, not a .gz of it")
+    return fmt
+
+
+def _open_binary(path: Path):
+    """The file's bytes, gunzipped when it starts with gzip's magic number (whatever its name)."""
+    handle = open(path, "rb")
+    if handle.read(2) == b"\x1f\x8b":
+        handle.seek(0)
+        return gzip.GzipFile(fileobj=handle, mode="rb")
+    handle.seek(0)
+    return handle
+
+
+def _damaged(path: Path, err: Exception) -> InputError:
+    return InputError(f"{path}: a damaged gzip file ({err.__class__.__name__}: {str(err)[:120]})")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a plain or gzipped text file."""
+    with _open_binary(path) as handle:
+        try:
+            yield from enumerate(handle, start=1)
+        except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz
+            raise _damaged(path, err) from None
+
+
+def _iter_csv(path: Path, rejects: Rejects, delimiter: str, pair: bool = False) -> Iterator[tuple[int, dict, list[str]]]:
+    """Rows of a CSV/TSV file with a header line, as {column: text}. A row with another number
+    of cells than the header, or with bytes that are not UTF-8, is a reject."""
+    csv.field_size_limit(1 << 30)  # texts may be long; the default limit is 128 KiB
+    with _open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(text, delimiter=delimiter)
+        header: list[str] | None = None
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                rejects.add(path.name, reader.line_num, None, "malformed_csv_row", str(err), pair=pair)
+                continue
+            except (OSError, EOFError, zlib.error) as err:
+                raise _damaged(path, err) from None
+            if not any(cell.strip() for cell in cells):
+                continue
+            if _has_lone_surrogate(cells):
+                if header is None:
+                    raise InputError(f"{path}: its header line is not UTF-8")
+                rejects.add(path.name, reader.line_num, None, "invalid_utf8", pair=pair)
+            elif header is None:
+                header = [cell.strip() for cell in cells]
+            elif len(cells) != len(header):
+                rejects.add(path.name, reader.line_num, None, "malformed_csv_row",
+                            f"{len(cells)} cells, the header has {len(header)}", pair=pair)
+            else:
+                yield reader.line_num, dict(zip(header, cells)), header
+
+
 def _iter_jsonl(path: Path, rejects: Rejects, pair: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each valid JSON object line; reject the rest (as pairs
-    when the file is a pair file, so the pair accounting stays exact)."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                # A byte order mark may open the file; nowhere else is it valid.
-                obj = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except UnicodeDecodeError:
-                rejects.add(path.name, number, None, "invalid_utf8", pair=pair)
-                continue
-            except json.JSONDecodeError as err:
-                rejects.add(path.name, number, None, "invalid_json", str(err), pair=pair)
-                continue
-            if not isinstance(obj, dict):
-                rejects.add(path.name, number, None, "not_an_object", pair=pair)
-                continue
-            if _has_lone_surrogate(obj):
-                rejects.add(path.name, number, None, "invalid_unicode", "a lone surrogate escape (\\udXXX)", pair=pair)
-                continue
-            yield number, obj
+    when the file is a pair file, so the pair accounting stays exact). Gzipped files too."""
+    for number, raw in _lines(path):
+        if not raw.strip():
+            continue
+        try:
+            # A byte order mark may open the file; nowhere else is it valid.
+            obj = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            rejects.add(path.name, number, None, "invalid_utf8", pair=pair)
+            continue
+        except json.JSONDecodeError as err:
+            rejects.add(path.name, number, None, "invalid_json", str(err), pair=pair)
+            continue
+        if not isinstance(obj, dict):
+            rejects.add(path.name, number, None, "not_an_object", pair=pair)
+            continue
+        if _has_lone_surrogate(obj):
+            rejects.add(path.name, number, None, "invalid_unicode", "a lone surrogate escape (\\udXXX)", pair=pair)
+            continue
+        yield number, obj
 
 
 def _as_id(value: Any) -> str | None:
@@ -130,6 +226,9 @@ class _Collected:
     corpus_ids: set[str] = field(default_factory=set)
     text_to_doc: dict[str, str] = field(default_factory=dict)
     queries: dict[str, str] = field(default_factory=dict)
+    # doc id -> content ids its text may come as (with or without its title); kept only when
+    # positives carry ids, to find a positive whose text contradicts its id.
+    doc_texts: dict[str, set[str]] | None = None
 
 
 class IngestStage(GlobalStage):
@@ -146,7 +245,9 @@ class IngestStage(GlobalStage):
             if c.beir is not None:
                 # Only the files this split reads, so other splits' qrels do not matter.
                 for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{c.split}.tsv"):
-                    self._hashes[name] = file_fingerprint(Path(c.beir) / name)
+                    path = beir_file(Path(c.beir), name)
+                    # A gzipped file is hashed as stored: its fingerprint differs from the plain one.
+                    self._hashes[name] = file_fingerprint(path) if path is not None else "missing"
             for key in ("pairs", "corpus"):
                 path = getattr(c, key)
                 if path is not None:
@@ -197,10 +298,12 @@ class IngestStage(GlobalStage):
         return info
 
     # ---------------------------------------------------------------- BEIR
-    def _read_corpus_jsonl(self, path: Path, corpus: ShardWriter, rejects: Rejects, id_key: str = "_id", text_key: str = "text") -> _Collected:
-        seen = _Collected()
+    def _read_corpus_jsonl(self, path: Path, corpus: ShardWriter, rejects: Rejects, id_key: str = "_id", text_key: str = "text",
+                           rows: Iterator[tuple[int, dict]] | None = None, seen: _Collected | None = None) -> _Collected:
+        """The corpus from JSON objects (`rows`: the same from another format, e.g. CSV)."""
+        seen = seen or _Collected()
         buffer: list[dict] = []
-        for line, obj in _iter_jsonl(path, rejects):
+        for line, obj in rows if rows is not None else _iter_jsonl(path, rejects):
             doc_id = _as_id(obj.get(id_key))
             if doc_id is None:
                 rejects.add(path.name, line, None, "missing_id")
@@ -215,6 +318,8 @@ class IngestStage(GlobalStage):
                 continue
             seen.corpus_ids.add(doc_id)
             seen.text_to_doc.setdefault(content_id(text), doc_id)
+            if seen.doc_texts is not None:  # a positive of this id may come with the text alone
+                seen.doc_texts[doc_id] = {content_id(text), content_id(_as_text(obj.get(text_key)) or text)}
             buffer.append({"doc_id": doc_id, "text": text})
             if len(buffer) >= 50_000:
                 corpus.write_rows(buffer)
@@ -223,54 +328,58 @@ class IngestStage(GlobalStage):
         return seen
 
     def _read_beir(self, folder: Path, corpus: ShardWriter, rejects: Rejects):
-        seen = self._read_corpus_jsonl(folder / "corpus.jsonl", corpus, rejects)
-        for line, obj in _iter_jsonl(folder / "queries.jsonl", rejects):
+        seen = self._read_corpus_jsonl(_beir_path(folder, "corpus.jsonl"), corpus, rejects)
+        self._read_queries(_beir_path(folder, "queries.jsonl"), seen, rejects)
+        return self._read_judgements(folder, seen, rejects)
+
+    def _read_queries(self, queries_path: Path, seen: _Collected, rejects: Rejects) -> None:
+        for line, obj in _iter_jsonl(queries_path, rejects):
             query_id = _as_id(obj.get("_id"))
             text = _as_text(obj.get("text"))
             if query_id is None:
-                rejects.add("queries.jsonl", line, None, "missing_id")
+                rejects.add(queries_path.name, line, None, "missing_id")
             elif text is None:
-                rejects.add("queries.jsonl", line, query_id, "empty_text")
+                rejects.add(queries_path.name, line, query_id, "empty_text")
             elif query_id in seen.queries:
-                rejects.add("queries.jsonl", line, query_id, "duplicate_id", "the first occurrence wins")
+                rejects.add(queries_path.name, line, query_id, "duplicate_id", "the first occurrence wins")
             else:
                 seen.queries[query_id] = text
 
+    def _read_judgements(self, folder: Path, seen: _Collected, rejects: Rejects):
         qrels_name = f"qrels/{self.config.split}.tsv"
         # With positives=all every positive judgement is an input pair; with positives=best each
         # judged query is one, so a bad judgement line is a pair only in the first case.
         per_judgement = self.config.positives == "all"
         judged_queries: dict[str, int] = {}
         judged: dict[str, list[tuple[str, float, int]]] = {}
-        with open(folder / qrels_name, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-                except UnicodeDecodeError:
-                    rejects.add(qrels_name, number, None, "invalid_utf8", pair=per_judgement)
-                    continue
-                if not line.strip():
-                    continue
-                cells = line.split("\t")
-                if number == 1 and cells[0] in ("query-id", "query_id", "qid"):
-                    continue
-                try:
-                    query_id, doc_id, grade = cells[0].strip(), cells[1].strip(), float(cells[2])
-                except (IndexError, ValueError):
-                    rejects.add(qrels_name, number, None, "malformed_qrels_line", line[:200], pair=per_judgement)
-                    continue
-                if grade <= 0:
-                    continue  # a judgement of non-relevance, not a pair
-                pair_id = f"{query_id}:{doc_id}"
-                judged_queries.setdefault(query_id, number)
-                if query_id not in seen.queries:
-                    rejects.add(qrels_name, number, pair_id, "unknown_query", pair=per_judgement)
-                elif doc_id not in seen.corpus_ids:
-                    rejects.add(qrels_name, number, pair_id, "unknown_document", pair=per_judgement)
-                elif any(d == doc_id for d, _, _ in judged.get(query_id, ())):
-                    rejects.add(qrels_name, number, pair_id, "duplicate_judgement", pair=per_judgement)
-                else:
-                    judged.setdefault(query_id, []).append((doc_id, grade, number))
+        for number, raw in _lines(_beir_path(folder, qrels_name)):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                rejects.add(qrels_name, number, None, "invalid_utf8", pair=per_judgement)
+                continue
+            if not line.strip():
+                continue
+            cells = line.split("\t")
+            if number == 1 and cells[0] in ("query-id", "query_id", "qid"):
+                continue
+            try:
+                query_id, doc_id, grade = cells[0].strip(), cells[1].strip(), float(cells[2])
+            except (IndexError, ValueError):
+                rejects.add(qrels_name, number, None, "malformed_qrels_line", line[:200], pair=per_judgement)
+                continue
+            if grade <= 0:
+                continue  # a judgement of non-relevance, not a pair
+            pair_id = f"{query_id}:{doc_id}"
+            judged_queries.setdefault(query_id, number)
+            if query_id not in seen.queries:
+                rejects.add(qrels_name, number, pair_id, "unknown_query", pair=per_judgement)
+            elif doc_id not in seen.corpus_ids:
+                rejects.add(qrels_name, number, pair_id, "unknown_document", pair=per_judgement)
+            elif any(d == doc_id for d, _, _ in judged.get(query_id, ())):
+                rejects.add(qrels_name, number, pair_id, "duplicate_judgement", pair=per_judgement)
+            else:
+                judged.setdefault(query_id, []).append((doc_id, grade, number))
 
         if not per_judgement:
             for query_id, number in judged_queries.items():
@@ -292,13 +401,9 @@ class IngestStage(GlobalStage):
     # ---------------------------------------------------------------- pair files
     def _read_pair_file(self, corpus: ShardWriter, rejects: Rejects):
         c = self.config
-        seen = _Collected()
+        seen = _Collected(doc_texts={} if c.positive_id_column else None)
         if c.corpus is not None:
-            path = Path(c.corpus)
-            if path.suffix == ".parquet":
-                seen = self._read_corpus_table(_read_parquet(path, "corpus"), path.name, corpus, rejects)
-            else:
-                seen = self._read_corpus_jsonl(path, corpus, rejects, c.corpus_id_column, c.corpus_text_column)
+            seen = self._read_corpus_file(Path(c.corpus), corpus, rejects, seen)
         pairs: list[tuple[str, str]] = []
         new_docs: list[dict] = []
         source = Path(c.pairs).name
@@ -336,27 +441,40 @@ class IngestStage(GlobalStage):
             else:
                 # The same text in the corpus is the same document: it must be masked, not mined.
                 doc_id = seen.text_to_doc.get(content_id(positive)) or content_id(positive)
+            if seen.doc_texts is not None and doc_id in seen.doc_texts and content_id(positive) not in seen.doc_texts[doc_id]:
+                rejects.add(source, line, doc_id, "conflicting_positive_text", "the first text of this id wins", pair=True)
+                continue
             if doc_id not in seen.corpus_ids:
                 seen.corpus_ids.add(doc_id)
                 seen.text_to_doc.setdefault(content_id(positive), doc_id)
+                if seen.doc_texts is not None:
+                    seen.doc_texts[doc_id] = {content_id(positive)}
                 new_docs.append({"doc_id": doc_id, "text": positive})
             pairs.append((query_id, doc_id))
         corpus.write_rows(new_docs)
-        masks: dict[str, list[str]] = {}
-        deduped: list[tuple[str, str]] = []
-        seen_pairs: set[tuple[str, str]] = set()
-        for query_id, doc_id in pairs:
-            if (query_id, doc_id) in seen_pairs:
-                rejects.add(source, None, f"{query_id}:{doc_id}", "duplicate_pair", pair=True)
-                continue
-            seen_pairs.add((query_id, doc_id))
-            deduped.append((query_id, doc_id))
-            masks.setdefault(query_id, []).append(doc_id)
+        deduped, masks = _dedupe_pairs(pairs, source, rejects)
         return deduped, masks, seen.queries, seen
 
-    def _read_corpus_table(self, table: pa.Table, name: str, corpus: ShardWriter, rejects: Rejects) -> _Collected:
+    def _read_corpus_file(self, path: Path, corpus: ShardWriter, rejects: Rejects, seen: _Collected) -> _Collected:
+        """The --corpus file of a pair file, in any table format. A corpus of which no document
+        could be read is an error: mining from the positives alone is not what was asked for."""
         c = self.config
-        seen = _Collected()
+        fmt = check_table_format(path, "corpus")
+        if fmt == "parquet":
+            seen = self._read_corpus_table(_read_parquet(path, "corpus"), path.name, corpus, rejects, seen)
+        else:
+            rows = None if fmt == "jsonl" else ((n, row) for n, row, _ in _iter_csv(path, rejects, "," if fmt == "csv" else "\t"))
+            seen = self._read_corpus_jsonl(path, corpus, rejects, c.corpus_id_column, c.corpus_text_column, rows=rows, seen=seen)
+        if not seen.corpus_ids:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(rejects.counts.items())) or "no rows"
+            raise InputError(f"corpus file {path}: no document could be read as {fmt} "
+                             f"(columns {c.corpus_id_column!r}, {c.corpus_text_column!r}; rejects: {reasons})")
+        return seen
+
+    def _read_corpus_table(self, table: pa.Table, name: str, corpus: ShardWriter, rejects: Rejects,
+                           seen: _Collected | None = None) -> _Collected:
+        c = self.config
+        seen = seen or _Collected()
         if c.corpus_id_column not in table.column_names or c.corpus_text_column not in table.column_names:
             raise InputError(f"corpus {name}: needs columns {c.corpus_id_column!r} and {c.corpus_text_column!r}")
         rows = []
@@ -371,6 +489,8 @@ class IngestStage(GlobalStage):
             else:
                 seen.corpus_ids.add(doc_id)
                 seen.text_to_doc.setdefault(content_id(text), doc_id)
+                if seen.doc_texts is not None:
+                    seen.doc_texts[doc_id] = {content_id(text)}
                 rows.append({"doc_id": doc_id, "text": text})
         corpus.write_rows(rows)
         return seen
@@ -402,6 +522,28 @@ class IngestStage(GlobalStage):
         return {"pairs": len(pairs), "queries": len(grouped)}
 
 
+def _dedupe_pairs(pairs: list[tuple[str, str]], source: str, rejects: Rejects):
+    """The pairs without repeats (rejected as duplicate_pair), and each query's positives."""
+    masks: dict[str, list[str]] = {}
+    deduped: list[tuple[str, str]] = []
+    seen_pairs: set[tuple[str, str]] = set()
+    for query_id, doc_id in pairs:
+        if (query_id, doc_id) in seen_pairs:
+            rejects.add(source, None, f"{query_id}:{doc_id}", "duplicate_pair", pair=True)
+            continue
+        seen_pairs.add((query_id, doc_id))
+        deduped.append((query_id, doc_id))
+        masks.setdefault(query_id, []).append(doc_id)
+    return deduped, masks
+
+
+def _beir_path(folder: Path, name: str) -> Path:
+    path = beir_file(folder, name)
+    if path is None:
+        raise InputError(f"BEIR folder {folder}: missing {name}")
+    return path
+
+
 def _read_parquet(path: Path, what: str) -> pa.Table:
     try:
         return pq.read_table(path)
@@ -419,8 +561,12 @@ def _id_order(doc_id: str) -> tuple:
 
 
 def _iter_pair_rows(path: Path, rejects: Rejects) -> Iterator[tuple[int | None, dict, list[str]]]:
-    """Rows of a JSONL, Parquet or datasets save_to_disk pair file, with the column order."""
-    if path.is_dir():
+    """Rows of a JSONL, CSV/TSV (each maybe gzipped), Parquet or datasets save_to_disk pair
+    file, with the column order."""
+    fmt = check_table_format(path, "pair")
+    if fmt in ("csv", "tsv"):
+        yield from _iter_csv(path, rejects, "," if fmt == "csv" else "\t", pair=True)
+    elif fmt == "datasets":
         import datasets
 
         try:
@@ -432,7 +578,7 @@ def _iter_pair_rows(path: Path, rejects: Rejects) -> Iterator[tuple[int | None, 
         columns = list(dataset.column_names)
         for number, row in enumerate(dataset.iter(batch_size=1), start=1):
             yield number, {k: v[0] for k, v in row.items()}, columns
-    elif path.suffix == ".parquet":
+    elif fmt == "parquet":
         try:
             parquet = pq.ParquetFile(path)
             columns = parquet.schema_arrow.names

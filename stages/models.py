@@ -15,8 +15,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_ALIASES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-class ModelLoadError(ValueError):
-    """A model that cannot be found or loaded: a user error, reported in one line."""
+from hardneg.pipeline.errors import ModelLoadError  # noqa: E402,F401 - re-exported
 
 
 def resolve_model(name: str) -> str:

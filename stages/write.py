@@ -30,8 +30,7 @@ NEGATIVE_METADATA = [
 ]
 
 
-class AccountingError(RuntimeError):
-    pass
+from hardneg.pipeline.errors import AccountingError  # noqa: E402,F401 - re-exported
 
 
 class WriteStage(GlobalStage):

@@ -132,6 +132,21 @@ def test_eval_without_id_columns_is_a_user_error(tiny, tmp_path):
         ev.evaluate(tiny, tmp_path / "bare", ranks=False)
 
 
+def test_eval_against_an_unrelated_beir_folder_is_one_line_and_exit_2(tiny, tmp_path):
+    """No query id of the dataset is judged there: every figure would read 0% false negatives."""
+    from resilience import cli_in_process
+
+    dataset = tiny_dataset(tmp_path / "out")
+    other = write_beir(tmp_path / "other", CORPUS, [{"_id": f"x{q['_id']}", "text": q["text"]} for q in QUERIES],
+                       [(f"x{q}", d, g) for q, d, g in QRELS])
+    with pytest.raises(ev.EvalError, match="none of the 3 query ids"):
+        ev.evaluate(other, dataset, ranks=False)
+    code, stderr = cli_in_process(["eval", "--beir", str(other), "--dataset", str(dataset), "--work-dir", str(tmp_path / "w")])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("hardneg: error: none of the"), stderr
+    assert not (tmp_path / "w").exists(), "refused before any embedding"
+
+
 # ---------------------------------------------------------------------------- Cranfield, defaults
 def halves() -> dict[str, set[str]]:
     ids = {q for q, _, s in read_qrels(CRANFIELD) if s > 0}

@@ -225,3 +225,13 @@ def test_empty_output_exports_nothing(tmp_path):
     out_file = tmp_path / "fe.jsonl"
     assert export(folder, "flagembedding", out_file) == 0
     assert out_file.read_text() == ""
+
+
+def test_export_onto_the_datasets_own_files_is_refused(mined, tmp_path):
+    folder = _write(mined, tmp_path / "out", "n-tuple", True)
+    before = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for target in [next(folder.glob("*.arrow")), folder / "state.json", folder / "train.jsonl"]:
+        with pytest.raises(ConfigError, match="inside the dataset"):
+            export(folder, "flagembedding", target)
+    assert {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert export(folder, "flagembedding", tmp_path / "train.jsonl") > 0

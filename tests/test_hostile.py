@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from hardneg import schemas
 from hardneg.pipeline.config import MineConfig
 from resilience import Run, cli_in_process, env, leftovers, tiny_model
+from hardneg.stages.base import InputError
 from hardneg.stages.ingest import IngestStage
 from hardneg.stages.io import read_table
 
@@ -260,6 +261,10 @@ def test_ingest_of_a_hostile_pair_file_accounts_for_every_pair(tmp_path, lines, 
     keys = dict(query_column="query", positive_column="positive") if explicit else {}
     if with_corpus:
         keys["corpus"] = write_lines(root / "corpus.jsonl", [b for b, _ in corpus])
+        if not expected_rows(corpus):  # a corpus file that reads as nothing is refused, never ignored
+            with pytest.raises(InputError, match="no document could be read"):
+                run_ingest(MineConfig(pairs=pairs, out=root / "out", **keys), root / "stage")
+            return
     info = run_ingest(MineConfig(pairs=pairs, out=root / "out", **keys), root / "stage")
     check_tables(root / "stage")
     assert info["pairs"] + sum(info["rejected_pairs"].values()) == sum(1 for line in lines if line.strip())
@@ -289,7 +294,8 @@ def check_run(code: int, stderr: str, out: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("hardneg: error: "), stderr
         # Nothing usable left: no pair, no document, or no word BM25 (read by a default filter)
         # can index.
-        assert any(m in lines[0] for m in ("no usable pairs", "corpus is empty", "no tokens after tokenisation")), lines[0]
+        assert any(m in lines[0] for m in ("no usable pairs", "corpus is empty", "no tokens after tokenisation",
+                                           "no document could be read")), lines[0]
         assert not out.exists()
         return
     assert code == 0, stderr
@@ -526,3 +532,196 @@ def test_fatal_error_through_the_real_command_line(tmp_path, small):
                            "--runner", "local", "-q"], capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hardneg: error: "), proc.stderr
+
+
+# ---------------------------------------------------------------------------- the probe's faults
+# Each test below failed before its fix (issue 11: a probe of the CLI with hostile inputs).
+def _gzip(path: Path) -> Path:
+    import gzip
+
+    target = path.with_name(path.name + ".gz")
+    target.write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    return target
+
+
+def test_gzipped_beir_folder_is_read_like_the_plain_one(tmp_path, small, tiny):
+    """BEIR collections ship corpus.jsonl.gz / queries.jsonl.gz: read them, same rows."""
+    plain_out = tmp_path / "plain"
+    assert cli_in_process(_args(small, plain_out, tmp_path / "w1", tiny))[0] == 0
+    _gzip(small / "corpus.jsonl")
+    _gzip(small / "queries.jsonl")
+    _gzip(small / "qrels" / "test.tsv")
+    out = tmp_path / "gz"
+    code, stderr = cli_in_process(_args(small, out, tmp_path / "w2", tiny))
+    assert code == 0, stderr
+    plain, gz = (json.loads((o / "stats.json").read_text()) for o in (plain_out, out))
+    assert gz["input_pairs"] == plain["input_pairs"] == 3 and gz["output_pairs"] == plain["output_pairs"]
+    import datasets
+
+    assert datasets.load_from_disk(str(out))["negative_ids"] == datasets.load_from_disk(str(plain_out))["negative_ids"]
+
+
+def _pairs_and_corpus(root: Path) -> tuple[Path, Path]:
+    pairs = write_lines(root / "pairs.jsonl", [json.dumps({"query": f"{WORDS[i]} wing", "positive": f"{WORDS[i + 1]} flow"}).encode()
+                                              for i in range(3)])
+    corpus = write_lines(root / "corpus.jsonl", [json.dumps({"_id": f"c{i}", "text": f"{WORDS[i]} {WORDS[i + 5]} layer"}).encode()
+                                                 for i in range(10)])
+    return pairs, corpus
+
+
+def test_gzipped_corpus_of_a_pair_file_is_mined_not_ignored(tmp_path):
+    pairs, corpus = _pairs_and_corpus(tmp_path)
+    info = run_ingest(MineConfig(pairs=_gzip(pairs), corpus=_gzip(corpus), out=tmp_path / "out"), tmp_path / "stage")
+    assert info["pairs"] == 3 and info["corpus_rows"] == 13, info  # 10 corpus documents + 3 positives
+    assert info["rejects"] == {}
+
+
+def test_corpus_file_of_which_nothing_reads_is_one_line_not_the_positives_alone(tmp_path, tiny, small):
+    pairs, _ = _pairs_and_corpus(tmp_path)
+    corpus = write_lines(tmp_path / "docs.jsonl", [b"\x1f\x8b\x08 not really gzip", b'{"id": "no _id column"}'])
+    out = tmp_path / "o" / "out"
+    message = _fatal(["mine", "--pairs", str(pairs), "--corpus", str(corpus), "--out", str(out), "--work-dir",
+                      str(tmp_path / "w"), "--model", str(tiny), "--runner", "local", "-q"], out)
+    assert "corpus" in message and str(corpus) in message, message
+
+
+def test_csv_and_tsv_pair_files_are_read(tmp_path):
+    rows = [("what is lift", "lift, a force on wings"), ('the "drag" of a body', "drag resists\nmotion"), ("heat", "heat flows")]
+    import csv
+    import gzip
+
+    for name, delimiter in (("pairs.csv", ","), ("pairs.tsv", "\t"), ("pairs.csv.gz", ",")):
+        root = _fresh(tmp_path)
+        path = root / name
+        text = io_text = __import__("io").StringIO()
+        writer = csv.writer(io_text, delimiter=delimiter)
+        writer.writerow(["query", "positive", "source"])
+        writer.writerows([(q, p, "probe") for q, p in rows])
+        data = text.getvalue().encode() + b"only one cell\n" + f"bad{delimiter}\xff\xfe{delimiter}x\n".encode("latin-1")
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        info = run_ingest(MineConfig(pairs=path, out=root / "out"), root / "stage")
+        check_tables(root / "stage")
+        assert info["pairs"] == 3, (name, info)
+        assert info["rejected_pairs"] == {"malformed_csv_row": 1, "invalid_utf8": 1}, (name, info)
+        texts = sorted(read_table(root / "stage" / "corpus", schemas.CORPUS).column("text").to_pylist())
+        assert texts == sorted(p.replace("\n", "\n") for _, p in rows), texts
+
+
+def test_unknown_pair_or_corpus_format_is_refused_by_name(tmp_path, tiny):
+    out = tmp_path / "o" / "out"
+    for name in ("pairs.xlsx", "pairs.txt", "pairs.parquet.gz"):
+        (tmp_path / name).write_bytes(b"query,positive\na,b\n")
+        message = _fatal(["mine", "--pairs", str(tmp_path / name), "--out", str(out), "--model", str(tiny), "--runner", "local", "-q"], out)
+        assert name in message and ("unknown format" in message or "Parquet" in message), message
+    pairs, _ = _pairs_and_corpus(tmp_path)
+    (tmp_path / "corpus.xml").write_text("<docs/>")
+    message = _fatal(["mine", "--pairs", str(pairs), "--corpus", str(tmp_path / "corpus.xml"), "--out", str(out), "-q"], out)
+    assert "corpus.xml" in message and "unknown format" in message, message
+
+
+def test_positive_text_conflicting_with_its_id_is_a_reject(tmp_path):
+    lines = [{"q": "what is lift", "p": "lift is a force", "pid": "d1"},
+             {"q": "what is drag", "p": "drag resists motion", "pid": "d1"},   # d1 again, another text
+             {"q": "what is heat", "p": "lift is a force", "pid": "d1"},       # d1 again, its own text: fine
+             {"q": "what is mach", "p": "a title and its text", "pid": "c1"},  # the corpus's c1 without its title
+             {"q": "what is wave", "p": "something else", "pid": "c1"}]       # contradicts the corpus's c1
+    pairs = write_lines(tmp_path / "pairs.jsonl", [json.dumps(r).encode() for r in lines])
+    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"_id": "c1", "title": "Title", "text": "a title and its text"}).encode()])
+    config = MineConfig(pairs=pairs, corpus=corpus, out=tmp_path / "out", query_column="q", positive_column="p", positive_id_column="pid")
+    info = run_ingest(config, tmp_path / "stage")
+    check_tables(tmp_path / "stage")
+    assert info["pairs"] == 3 and info["rejected_pairs"] == {"conflicting_positive_text": 2}, info
+    assert info["pairs"] + sum(info["rejected_pairs"].values()) == len(lines)
+    texts = dict(zip(*read_table(tmp_path / "stage" / "corpus", schemas.CORPUS).to_pydict().values()))
+    assert texts["d1"] == "lift is a force"
+
+
+def test_invalid_faiss_factory_string_fails_at_config_time(tmp_path, small, tiny):
+    out = tmp_path / "o" / "out"
+    message = _fatal(_args(small, out, tmp_path / "w", tiny, "--set", "index.index=Garbage"), out)
+    assert "Garbage" in message and "FAISS" in message, message
+    assert not (tmp_path / "w").exists(), "the factory string must be refused before anything is computed"
+    # A string that parses for some vector size but not the model's: refused before the index is built.
+    message = _fatal(_args(small, out, tmp_path / "w", tiny, "--set", "index.index=PQ7"), out, tmp_path / "w")
+    assert "PQ7" in message and "16-dimensional" in message, message
+
+
+def test_index_gpu_accepts_on_and_off_as_the_readme_writes_them(tmp_path):
+    from hardneg.pipeline.config import build_config
+    from hardneg.stages.ann_index import gpu_available
+
+    for word, value in (("on", "on"), ("off", "off"), ("auto", "auto"), ("'on'", "on"), ("true", "on"), ("false", "off")):
+        assert build_config(None, {}, [f"index.gpu={word}"]).index.gpu == value, word
+    config_file = tmp_path / "hardneg.yaml"
+    config_file.write_text("index:\n  gpu: off\n")
+    assert build_config(config_file).index.gpu == "off"
+    if gpu_available():
+        pytest.skip("this machine has a GPU: index.gpu=on is valid here")
+
+
+def test_index_gpu_on_without_a_gpu_fails_at_config_time(tmp_path, small, tiny):
+    from hardneg.stages.ann_index import gpu_available
+
+    if gpu_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "o" / "out"
+    message = _fatal(_args(small, out, tmp_path / "w", tiny, "--set", "index.gpu=on"), out)
+    assert "index.gpu=on" in message and "GPU" in message, message
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("setting, words", [
+    (["--num-negatives", "20", "--set", "range_max=10"], "can never be met"),
+    (["--set", "quotas={dense: -1}"], "cannot be negative"),
+    (["--set", "quotas={bm25: 1}"], "not among the miners"),
+])
+def test_impossible_sampling_settings_fail_at_config_time(tmp_path, small, tiny, setting, words):
+    out = tmp_path / "o" / "out"
+    args = _args(small, out, tmp_path / "w", tiny)
+    message = _fatal(args[:args.index("--num-negatives")] + args[args.index("--num-negatives") + 2:] + setting, out)
+    assert words in message, message
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("layout", ["same", "work_inside_out", "out_inside_work"])
+def test_output_and_work_dir_that_overlap_are_refused(tmp_path, small, tiny, layout):
+    out = tmp_path / "data"
+    work = {"same": out, "work_inside_out": out / "cache", "out_inside_work": tmp_path}[layout]
+    code, stderr = cli_in_process(_args(small, out, work, tiny))
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1 and "work dir" in lines[0] and "output" in lines[0], stderr
+    assert not out.exists() and not (out / "cache").exists()
+
+
+def test_symlink_to_a_folder_is_accepted_as_the_output(tmp_path, small, tiny):
+    target = tmp_path / "disk" / "out"
+    target.mkdir(parents=True)
+    link = tmp_path / "out-link"
+    link.symlink_to(target, target_is_directory=True)
+    code, stderr = cli_in_process(_args(small, link, tmp_path / "w", tiny))
+    assert code == 0, stderr
+    assert link.is_symlink() and (target / "hardneg.json").is_file()
+    import datasets
+
+    stats = json.loads((link / "stats.json").read_text())
+    assert stats["input_pairs"] == 3 and datasets.load_from_disk(str(link)).num_rows == stats["output_pairs"]
+
+
+def test_damaged_output_is_rebuilt_not_reused(tmp_path, small, tiny):
+    import datasets
+
+    from hardneg.pipeline.api import run_mine
+    from hardneg.pipeline.config import build_config
+
+    config = build_config(None, dict(beir=small, out=tmp_path / "out", work_dir=tmp_path / "w", model=str(tiny),
+                                     runner="local", num_negatives=2))
+    first = run_mine(config, progress=False)
+    rows = datasets.load_from_disk(str(first.out))["negative_ids"]
+    assert run_mine(config, progress=False).computed == [], "an intact output is reused"
+    for damage in ("delete", "truncate"):
+        shard = next((tmp_path / "out").glob("*.arrow"))
+        shard.unlink() if damage == "delete" else shard.write_bytes(shard.read_bytes()[:100])
+        again = run_mine(config, progress=False)
+        assert again.computed == ["write"], (damage, again.computed)
+        assert datasets.load_from_disk(str(again.out))["negative_ids"] == rows

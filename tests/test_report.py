@@ -84,6 +84,17 @@ def test_report_without_beir_and_errors(report_run, tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("hardneg: error:") and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_report_on_a_beir_folder_without_qrels_is_one_line_and_exit_2(report_run, small_beir, tmp_path):
+    """As `hardneg eval` does: not a page saying "evaluation failed" and exit 0."""
+    beir = tmp_path / "beir"
+    shutil.copytree(small_beir, beir, ignore=shutil.ignore_patterns("qrels"))
+    html = tmp_path / "r.html"
+    done = _cli("report", str(report_run.out), "--beir", str(beir), "--html", str(html))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("hardneg: error:") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "qrels" in done.stderr and not html.exists()
+
+
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
