@@ -96,6 +96,10 @@ class Probe:
         self.stage = stage
         self.stage.ensure_setup()
 
+    def searched_on(self) -> str:
+        """The loaded index's description, which names the device it searches on."""
+        return self.stage._ann.description
+
     def mine(self, batch) -> tuple[int, int, int]:
         """(pid, private memory before the index was loaded, rows mined)."""
         return os.getpid(), self.before, self.stage.transform(batch).num_rows
