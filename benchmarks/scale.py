@@ -193,6 +193,20 @@ print(time.perf_counter() - start)
     return float(out.strip().splitlines()[-1]) / n_texts, rss.peak
 
 
+def print_stages(stages: list[tuple[str, float, int]], total: float, n_docs: int, n_queries: int) -> None:
+    """Per stage: seconds, the cost per query and per document (µs), its share of the stages'
+    time and the peak RSS of the process tree while it ran."""
+    gib = 1024 ** 3
+    busy = sum(seconds for _, seconds, _ in stages) or 1.0
+    print(f"{'stage':<18}{'seconds':>10}{'µs/query':>12}{'µs/doc':>10}{'share':>8}{'peak RSS GiB':>14}")
+    for name, seconds, peak in stages:
+        print(f"{name:<18}{seconds:>10.1f}{seconds / n_queries * 1e6:>12.0f}{seconds / n_docs * 1e6:>10.1f}"
+              f"{seconds / busy:>8.1%}{peak / gib:>14.2f}")
+    peak = max((p for _, _, p in stages), default=0)
+    print(f"{'total':<18}{total:>10.1f}{total / n_queries * 1e6:>12.0f}{total / n_docs * 1e6:>10.1f}"
+          f"{'':>8}{peak / gib:>14.2f}   (total: the whole command, process start included)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10k documents only (CI)")
@@ -215,11 +229,8 @@ def main() -> None:
             rows.append((n_docs, stages, total, recall, description))
             print(f"\n{n_docs:,} documents x {int(n_docs * opts.query_ratio):,} queries (inputs generated in {generate:.0f}s); "
                   f"index: {description}")
-            print(f"{'stage':<18}{'seconds':>10}{'peak RSS GiB':>14}")
-            for name, seconds, peak in stages:
-                print(f"{name:<18}{seconds:>10.1f}{peak / gib:>14.2f}")
-            peak = max(p for _, _, p in stages)
-            print(f"{'total':<18}{total:>10.1f}{peak / gib:>14.2f}   recall@100 {recall:.3f}")
+            print_stages(stages, total, n_docs, max(1, int(n_docs * opts.query_ratio)))
+            print(f"recall@100 {recall:.3f}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if opts.embed:

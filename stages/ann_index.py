@@ -129,6 +129,12 @@ def _use_gpu(cfg: IndexConfig) -> bool:
     return available
 
 
+def gpu_capable(index_dir: Path) -> bool:
+    """Whether the built index's type has a faiss GPU version (Flat and IVF do, HNSW does not)."""
+    path = Path(index_dir) / INDEX_JSON
+    return not path.is_file() or "HNSW" not in json.loads(path.read_text())["factory"]
+
+
 def _to_gpu(index: faiss.Index) -> faiss.Index:
     """Copy to all visible GPUs (replicas). Raises RuntimeError for types faiss GPU lacks."""
     return faiss.index_cpu_to_all_gpus(index)

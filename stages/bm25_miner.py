@@ -90,6 +90,8 @@ _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or th
 # bm25s's default (= scikit-learn's) word pattern: runs of >= 2 word characters.
 _TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 _EPSILON = 0.25  # BM25Okapi's default idf floor factor; we mirror it exactly.
+POSTINGS_BUDGET = 1 << 23  # postings gathered per group of queries in search_rows (~200 MB peak)
+DENSE_SHARE = 4  # a query whose postings exceed 1/DENSE_SHARE of the corpus is scored densely
 _FORMAT = "hardneg-bm25"
 _FORMAT_VERSION = 1
 
@@ -260,7 +262,9 @@ class BM25Index:
             pq.write_table(pa.table({"tokens": tokens}), directory / "corpus_tokens.parquet")
 
     @classmethod
-    def load(cls, directory: Path, cfg: BM25Config) -> "BM25Index":
+    def load(cls, directory: Path, cfg: BM25Config, *, mmap: bool = False) -> "BM25Index":
+        """`mmap=True` maps the bm25s matrix's arrays read-only instead of reading them: every
+        process of a machine that loads the same index shares one copy of its pages."""
         directory = Path(directory)
         meta = json.loads((directory / "meta.json").read_text())
         if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
@@ -272,7 +276,7 @@ class BM25Index:
             raise ValueError(f"index at {directory} was built with {stored}, not {cfg}")
         doc_ids = pq.read_table(directory / "doc_ids.parquet").column("doc_id").to_pylist()
         if cfg.engine == "bm25s":
-            retriever = bm25s.BM25.load(directory / "bm25s", allow_pickle=False)
+            retriever = bm25s.BM25.load(directory / "bm25s", allow_pickle=False, mmap=mmap)
             if retriever.scores["num_docs"] != len(doc_ids):
                 raise ValueError(f"{directory}: bm25s index and doc_ids.parquet disagree")
             return cls(cfg, doc_ids, retriever=retriever)
@@ -343,6 +347,126 @@ class BM25Index:
             out[hit] += data[lo + at[hit]]
         return out.tolist()
 
+    # ------------------------------------------------------------------ batched queries
+
+    def prepare(self, query_texts: list[str]) -> list:
+        """The queries as `search_rows` and `score_rows` take them: with bm25s each query's
+        vocabulary ids in query order (unknown terms dropped, repeats kept: what `search` and
+        `score` sum over); with rank_bm25 its known tokens."""
+        tokens = tokenize(query_texts, self.cfg)
+        if self._okapi is not None:
+            return [[t for t in q if t in self._okapi.idf] for q in tokens]
+        r = self._retriever
+        return [np.asarray(r.get_tokens_ids(t), dtype=np.int64) for t in tokens]
+
+    def search_rows(self, token_ids: list[np.ndarray], k: int, n_threads: int = 1) -> tuple[np.ndarray, ...]:
+        """`search` for a batch of queries, as flat arrays (query, row, score) ordered by query,
+        then score desc, then doc id: each query's top k with score > 0, the same rows and the same
+        float64 scores as `search`. Only the postings of the queries' terms are touched (a sparse
+        accumulation), never a corpus-length vector, except for a query whose postings are a large
+        share of the corpus (that one is scored densely, as `search` does). Groups of queries run
+        in `n_threads` threads; every group's result is independent of the others, so the output
+        is the same for any thread count."""
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        if self._okapi is not None:  # the reference engine: one full scoring pass per query
+            parts = [self._top_k(self._okapi.get_scores(t) if t else None, k) for t in token_ids]
+            query = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p[0]) for p in parts])
+            rows = np.concatenate([p[0] for p in parts] + [np.zeros(0, np.int64)]).astype(np.int64)
+            return query, rows, np.concatenate([p[1] for p in parts] + [np.zeros(0)]).astype(np.float64)
+        indptr = self._retriever.scores["indptr"]
+        sizes = np.array([int((indptr[t + 1] - indptr[t]).sum()) for t in token_ids], dtype=np.int64)
+        groups, start, load = [], 0, 0
+        for i, size in enumerate(sizes.tolist()):
+            if load and load + size > POSTINGS_BUDGET:
+                groups.append((start, i))
+                start, load = i, 0
+            load += size
+        groups.append((start, len(token_ids)))
+
+        def run(group: tuple[int, int]) -> tuple[np.ndarray, ...]:
+            return self._search_group(token_ids, sizes, group[0], group[1], k)
+
+        if n_threads > 1 and len(groups) > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                parts = list(pool.map(run, groups))
+        else:
+            parts = [run(g) for g in groups]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def _search_group(self, token_ids: list[np.ndarray], sizes: np.ndarray, lo: int, hi: int,
+                      k: int) -> tuple[np.ndarray, ...]:
+        s = self._retriever.scores
+        data, indices, indptr, n_docs = s["data"], s["indices"], s["indptr"], int(s["num_docs"])
+        dense = [i for i in range(lo, hi) if sizes[i] > n_docs // DENSE_SHARE]
+        sparse = [i for i in range(lo, hi) if sizes[i] <= n_docs // DENSE_SHARE and len(token_ids[i])]
+        parts = []
+        for i in dense:  # the whole corpus would be gathered anyway: one dense score vector
+            rows, scores = self._top_k(self._retriever.get_scores_from_ids(token_ids[i].tolist()), k)
+            parts.append((np.full(len(rows), i, dtype=np.int64), rows.astype(np.int64), scores))
+        if sparse:
+            terms = np.concatenate([token_ids[i] for i in sparse])
+            query = np.repeat(np.array(sparse, dtype=np.int64), [len(token_ids[i]) for i in sparse])
+            first, lengths = indptr[terms], indptr[terms + 1] - indptr[terms]
+            # Every posting of every (query, term) pair, in query then term order.
+            at = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+            keys = np.repeat(query, lengths) * n_docs + indices[at]
+            unique, inverse = np.unique(keys, return_inverse=True)
+            # bincount adds the weights in input order, i.e. each document's terms in query order
+            # starting from 0.0: the same float64 sums as bm25s's np.add.at over a zero vector.
+            sums = np.bincount(inverse.reshape(-1), weights=data[at], minlength=len(unique))
+            keep = sums > 0
+            q, rows = np.divmod(unique[keep], n_docs)
+            parts.append((q, rows, sums[keep]))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        q, rows, scores = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        order = np.lexsort((self._rank[rows], -scores, q))
+        q, rows, scores = q[order], rows[order], scores[order]
+        return _first_k_per_group(q, k, rows, scores)
+
+    def score_rows(self, token_ids: list[np.ndarray], query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """BM25 score of each (query, row) pair: `score` for a whole batch at once, a sparse gather
+        over the document-term matrix (a binary search of each term's sorted postings for all
+        pairs together). Terms are added in query order from 0.0, so the values are `score`'s."""
+        out = np.zeros(len(rows), dtype=np.float64)
+        if self._okapi is not None:
+            for i in np.unique(query).tolist():
+                at = np.flatnonzero(query == i)
+                if token_ids[i]:
+                    out[at] = self._okapi.get_batch_scores(token_ids[i], np.asarray(rows)[at].tolist())
+            return out
+        s = self._retriever.scores
+        data, indices, indptr = s["data"], s["indices"], s["indptr"]
+        width = max((len(t) for t in token_ids), default=0)
+        if width == 0 or len(rows) == 0:
+            return out
+        table = np.full((len(token_ids), width), -1, dtype=np.int64)
+        for i, t in enumerate(token_ids):
+            table[i, : len(t)] = t
+        rows = np.asarray(rows, dtype=np.int64)
+        for j in range(width):
+            terms = table[query, j]
+            has = terms >= 0
+            if not has.any():
+                continue
+            t, r = terms[has], rows[has]
+            lo, end = indptr[t].astype(np.int64), indptr[t + 1].astype(np.int64)
+            hi = end.copy()
+            while True:  # vectorised binary search: first posting >= row, per pair
+                open_ = lo < hi
+                if not open_.any():
+                    break
+                mid = (lo + hi) // 2
+                less = open_ & (indices[np.minimum(mid, len(indices) - 1)] < r)
+                lo = np.where(less, mid + 1, lo)
+                hi = np.where(open_ & ~less, mid, hi)
+            hit = lo < end
+            hit[hit] = indices[lo[hit]] == r[hit]
+            where = np.flatnonzero(has)[hit]
+            out[where] += data[lo[hit]]
+        return out
+
     # ------------------------------------------------------------------ internals
 
     def _okapi_scores(self, tokens: list[str]) -> np.ndarray | None:
@@ -402,3 +526,14 @@ class BM25IndexStage:
         index = BM25Index.build(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist(), self.cfg)
         index.save(out_dir)
         return {"documents": corpus.num_rows, "engine": self.cfg.engine}
+
+
+def _first_k_per_group(group: np.ndarray, k: int, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The first k entries of each run of equal values in the sorted `group`, and the same
+    entries of every column."""
+    if len(group) == 0:
+        return (group, *columns)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    position = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    keep = position < k
+    return (group[keep], *(c[keep] for c in columns))

@@ -13,45 +13,157 @@ of documents scoring higher; exact from the search results when the positive is 
 from a chunked exact scan of the vectors when the corpus is small enough to be searched exactly
 (`index.exact_threshold`), else the lower bound "search depth + 1"), and each candidate's highest
 document-document cosine to the query's positives (`positive_similarity`, for near-duplicates).
+
+Everything works on whole batches of queries with numpy and pyarrow: candidates are flat arrays
+of (query, corpus row) pairs, fused, ranked and scored by sorts and gathers, and turned into
+Arrow list columns by offsets, never a Python object per candidate or per document. Document ids
+become corpus rows on the way in and ids again (an Arrow `take`) on the way out; string order,
+the tie-break everywhere, is a precomputed rank per row (Arrow's byte order of UTF-8, which is
+Python's string order).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hardneg import schemas
 from hardneg.stages.base import MapStage, Resources
 from hardneg.stages.io import VectorFile, read_table
 
+log = logging.getLogger("hardneg")
 
 SCAN_CHUNK = 16_384  # corpus rows per block of the exact positive-rank scan
+GATHER_BUDGET = 1 << 22  # float64 vector elements gathered at once (32 MB) for exact scores
+SCAN_COLUMNS = 256  # positives compared against one scanned block at a time
+
+
+class DocIds:
+    """The corpus's document ids (an Arrow array, row order) with numpy lookups: id -> row by a
+    binary search of the ids' UTF-8 bytes, row -> string-order rank. No Python object per
+    document (a dict of a million ids costs ~100 MB per worker)."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        self.array = ids.cast(pa.string())
+        order = pc.sort_indices(self.array).to_numpy()  # bytewise UTF-8 = code point order
+        self.rank = np.empty(len(order), dtype=np.int64)
+        self.rank[order] = np.arange(len(order))
+        self._order = order
+        self._sorted = _as_bytes(self.array.take(pa.array(order)))
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def rows(self, ids: pa.Array) -> np.ndarray:
+        """Row of each id, -1 for ids not in the corpus."""
+        if len(ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        values = _as_bytes(ids)
+        if values.dtype.itemsize > self._sorted.dtype.itemsize:
+            too_long = pc.binary_length(ids.cast(pa.binary())).to_numpy(zero_copy_only=False) > self._sorted.dtype.itemsize
+            values = np.where(too_long, b"", values).astype(self._sorted.dtype)
+        else:
+            too_long = np.zeros(len(values), dtype=bool)
+        at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
+        found = (self._sorted[at] == values) & ~too_long
+        return np.where(found, self._order[at], -1).astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        return self.array.take(pa.array(rows, type=pa.int64()))
+
+
+def _as_bytes(ids: pa.Array) -> np.ndarray:
+    # numpy's fixed-width bytes compare like memcmp, as Arrow sorts (ids hold no NUL bytes).
+    values = ids.cast(pa.binary()).to_numpy(zero_copy_only=False)
+    return np.array(values, dtype=bytes) if len(values) else np.zeros(0, dtype="S1")
 
 
 class _BatchVectors:
-    """The stored vectors of the rows one batch touches, read once and looked up by row."""
+    """The stored vectors of the rows one batch touches, read once and gathered by row."""
 
     def __init__(self, source: VectorFile, rows: np.ndarray) -> None:
-        self._rows = np.unique(rows)
-        self._matrix = source.take(self._rows)
+        self._rows = np.unique(rows[rows >= 0])
+        self._matrix = source.take(self._rows) if len(self._rows) else np.zeros((0, source.shape[1]), np.float32)
 
     def _get(self, rows: np.ndarray) -> np.ndarray:
-        return self._matrix[np.searchsorted(self._rows, rows)].astype(np.float64)
+        """float64 vectors of `rows` (any shape); rows < 0 give zero vectors."""
+        if len(self._rows) == 0:
+            return np.zeros((*rows.shape, self._matrix.shape[1]), dtype=np.float64)
+        at = np.minimum(np.searchsorted(self._rows, np.maximum(rows, 0)), len(self._rows) - 1)
+        out = self._matrix[at].astype(np.float64)
+        out[rows < 0] = 0.0
+        return out
 
-    def exact(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """float64 dot products of the query with the rows' vectors, as float32."""
-        if len(rows) == 0:
-            return np.zeros(0, dtype=np.float32)
-        return (self._get(rows) @ query.astype(np.float64)).astype(np.float32)
+    def _chunks(self, n: int, width: int):
+        step = max(1, GATHER_BUDGET // max(1, width * self._matrix.shape[1]))
+        return ((i, min(i + step, n)) for i in range(0, n, step))
 
-    def cosines(self, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
-        """len(rows) x len(others) cosines of the (normalised) document vectors."""
-        if len(rows) == 0 or len(others) == 0:
-            return np.zeros((len(rows), len(others)), dtype=np.float64)
-        return self._get(rows) @ self._get(others).T
+    def exact(self, queries: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """float64 dot products of query i with the vectors of grid[i] (rows, -1 = none), as
+        float32; -inf where there is no row. One stacked matrix-vector product per chunk."""
+        out = np.full(grid.shape, -np.inf, dtype=np.float32)
+        q = queries.astype(np.float64)
+        for a, b in self._chunks(len(grid), grid.shape[1]):
+            if grid.shape[1]:
+                out[a:b] = np.matmul(self._get(grid[a:b]), q[a:b, :, None])[:, :, 0].astype(np.float32)
+        out[grid < 0] = -np.inf
+        return out
+
+    def max_cosine(self, grid: np.ndarray, positives: np.ndarray) -> np.ndarray:
+        """Per grid[i, j]: the highest cosine of that row's vector to the vectors of
+        positives[i] (float64, then float32); NaN where query i has no positive."""
+        out = np.full(grid.shape, np.nan, dtype=np.float32)
+        if grid.shape[1] == 0 or positives.shape[1] == 0:
+            return out
+        for a, b in self._chunks(len(grid), grid.shape[1] + positives.shape[1]):
+            cos = np.matmul(self._get(grid[a:b]), self._get(positives[a:b]).transpose(0, 2, 1))
+            cos[np.broadcast_to((positives[a:b] < 0)[:, None, :], cos.shape)] = -np.inf
+            best = cos.max(axis=2)
+            best[(positives[a:b] < 0).all(axis=1)] = np.nan
+            out[a:b] = best.astype(np.float32)
+        return out
+
+
+def _grid(group: np.ndarray, values: np.ndarray, n: int, fill: int = -1) -> np.ndarray:
+    """Ragged values (sorted by `group`, a query index) as an n x max-length matrix."""
+    counts = np.bincount(group, minlength=n) if len(group) else np.zeros(n, dtype=np.int64)
+    out = np.full((n, int(counts.max(initial=0))), fill, dtype=values.dtype)
+    if len(group):
+        out[group, _positions(group, counts)] = values
+    return out
+
+
+def _positions(group: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """0-based position of each element within its run of `group` (sorted)."""
+    starts = np.cumsum(counts) - counts
+    return np.arange(len(group)) - starts[group]
+
+
+def _first_k(group: np.ndarray, k: int, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The first k entries of every query (group sorted), with their 1-based ranks."""
+    counts = np.bincount(group) if len(group) else np.zeros(0, dtype=np.int64)
+    position = _positions(group, counts) if len(group) else np.zeros(0, dtype=np.int64)
+    keep = position < k
+    return (group[keep], position[keep] + 1, *(c[keep] for c in columns))
+
+
+def _list_array(counts: np.ndarray, values: pa.Array) -> pa.Array:
+    offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(query index, value) of every element of a list column, in order."""
+    array = column.combine_chunks()
+    return pc.list_parent_indices(array).to_numpy().astype(np.int64), pc.list_flatten(array)
 
 
 class CandidatesStage(MapStage):
@@ -84,7 +196,11 @@ class CandidatesStage(MapStage):
         self.bm25_config = bm25_config
         # Score every candidate with BM25 even when BM25 is not a miner (a filter reads it).
         self.score_bm25 = bool(score_bm25) or "bm25" in self.miners
-        self.resources = Resources(num_cpus=threads, batch_size=batch_size, max_workers=max_workers)
+        # A Ray actor sees only the GPUs it requests: request the one the index will search on.
+        self.search_device = search_device(Path(index_dir) / "faiss", index_config)
+        self.resources = Resources(num_cpus=threads, num_gpus=1.0 if self.search_device == "gpu" else 0.0,
+                                   batch_size=batch_size, max_workers=max_workers)
+        log.info("candidates: the index searches on %s", self.search_device)
 
     def fingerprint_config(self) -> dict[str, Any]:
         # The index and BM25 files are upstream stages: their fingerprints are chained in.
@@ -95,128 +211,235 @@ class CandidatesStage(MapStage):
 
         index_dir = Path(self.index_dir)
         self._vectors = VectorFile(index_dir / "vectors.npy")
-        self._doc_ids = np.array(read_table(index_dir / "ids").column("doc_id").to_pylist(), dtype=object)
-        self._scan = len(self._doc_ids) <= int(getattr(self.index_config, "exact_threshold", 0))
-        self._row_of = {doc_id: row for row, doc_id in enumerate(self._doc_ids)}
+        self._ids = DocIds(read_table(index_dir / "ids").column("doc_id"))
+        self._scan = len(self._ids) <= int(getattr(self.index_config, "exact_threshold", 0))
         # The dense search also ranks the positives: loaded without the dense miner too when the
         # corpus is too large for an exact scan.
         need_ann = "dense" in self.miners or not self._scan
         self._ann = AnnIndex.load(index_dir / "faiss", self.index_config) if need_ann else None
+        if self._ann is not None:
+            log.info("candidates: searching %s", self._ann.description)
         self._bm25 = None
+        self._bm25_rows = None  # BM25 row -> index row, None when both list the corpus alike
         if self.score_bm25:
             from hardneg.stages.bm25_miner import BM25Index
 
-            self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config)
-
-    def _scan_ranks(self, queries: np.ndarray, wanted: dict[int, list[tuple[int, int, float]]]) -> dict[tuple[int, int], int]:
-        """Exact corpus ranks by a chunked scan: `wanted[i]` lists (slot, row, score) of query i's
-        positives; returns 1 + the number of *other* documents scoring strictly higher."""
-        if not wanted:
-            return {}
-        qs = sorted(wanted)
-        q = np.asarray(queries[qs], dtype=np.float64)
-        higher = {(i, slot): 0 for i in qs for slot, _, _ in wanted[i]}
-        for start in range(0, len(self._doc_ids), SCAN_CHUNK):
-            stop = min(start + SCAN_CHUNK, len(self._doc_ids))
-            scores = self._vectors.rows(start, stop).astype(np.float64) @ q.T  # chunk x queries
-            for column, i in enumerate(qs):
-                s = scores[:, column]
-                for slot, row, score in wanted[i]:
-                    count = int(np.count_nonzero(s > score))
-                    if start <= row < stop and s[row - start] > score:
-                        count -= 1  # the positive itself never outranks itself
-                    higher[(i, slot)] += count
-        return {key: value + 1 for key, value in higher.items()}
+            # Memory-mapped: the workers of one machine share the matrix's pages.
+            self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config, mmap=True)
+            bm25_ids = pa.array(self._bm25.doc_ids, pa.string())
+            if not bm25_ids.equals(self._ids.array):
+                self._bm25_rows = self._ids.rows(bm25_ids)
 
     def transform(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         queries = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         queries = np.ascontiguousarray(queries.reshape(n, -1), dtype=np.float32)
-        masks = [set(m) for m in batch.column("mask_ids").to_pylist()]
-        texts = batch.column("text").to_pylist()
-        positives = batch.column("positive_ids").to_pylist()
-        extra = max((len(m) for m in masks), default=0)
+        pos_q, pos_ids = _flat(batch.column("positive_ids"))
+        pos_rows = self._ids.rows(pos_ids)
+        if (pos_rows < 0).any():
+            raise KeyError(f"positive {pos_ids[int(np.flatnonzero(pos_rows < 0)[0])]} is not in the index")
+        mask_keys, extra = self._masks(batch.column("mask_ids"))
         k = self.range_max + extra  # enough to leave range_max after removing masked ids
+        tokens = self._bm25.prepare(batch.column("text").to_pylist()) if self._bm25 is not None else None
 
-        found: list[dict[str, dict[str, tuple[int, float]]]] = [dict() for _ in range(n)]
-        pos_rows = [np.array([self._row_of[d] for d in positives[i]], dtype=np.int64) for i in range(n)]
         ann_rows = np.zeros((n, 0), dtype=np.int64)
         depth = 0
         if self._ann is not None:
-            depth = min(k, len(self._doc_ids))
+            depth = min(k, len(self._ids))
             _, ann_rows = self._ann.search(queries, depth)
-        bm25_ids: list[list[str]] = []
-        bm25_scores: list[list[float]] = []
+        hits = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float64),)
         if self._bm25 is not None and "bm25" in self.miners:
-            bm25_ids, bm25_scores = self._bm25.search(texts, k, n_threads=int(self.resources.num_cpus))
+            hits = self._bm25.search_rows(tokens, k, n_threads=int(self.resources.num_cpus))
+            if self._bm25_rows is not None:
+                hits = (hits[0], self._bm25_rows[hits[1]], hits[2])
         # Every stored vector the batch needs (positives, both miners' hits), read once.
-        vectors = _BatchVectors(self._vectors, np.concatenate(
-            [*pos_rows, ann_rows[ann_rows >= 0], np.array([self._row_of[d] for ids in bm25_ids for d in ids], dtype=np.int64)]))
-        pos_scores = [vectors.exact(queries[i], pos_rows[i]) for i in range(n)]
-        pos_ranks: list[list[int | None]] = [[None] * len(pos_rows[i]) for i in range(n)]
-        if self._ann is not None:
-            for i in range(n):
-                valid = ann_rows[i][ann_rows[i] >= 0]
-                scores = vectors.exact(queries[i], valid)
-                for slot, (row, score) in enumerate(zip(pos_rows[i], pos_scores[i])):
-                    if row in valid:
-                        pos_ranks[i][slot] = 1 + int(np.count_nonzero((scores > score) & (valid != row)))
-                if "dense" not in self.miners:
-                    continue
-                ids = self._doc_ids[valid]
-                order = sorted(range(len(valid)), key=lambda j: (-scores[j], ids[j]))
-                ranked = [(ids[j], float(scores[j])) for j in order if ids[j] not in masks[i]]
-                found[i]["dense"] = {d: (r, s) for r, (d, s) in enumerate(ranked[: self.range_max], start=1)}
-        for i in range(len(bm25_ids)):
-            ranked = [(d, s) for d, s in zip(bm25_ids[i], bm25_scores[i]) if d not in masks[i]]
-            found[i]["bm25"] = {d: (r, s) for r, (d, s) in enumerate(ranked[: self.range_max], start=1)}
+        vectors = _BatchVectors(self._vectors, np.concatenate([pos_rows, ann_rows.ravel(), hits[1]]))
+        pos_grid = _grid(pos_q, pos_rows, n)
+        pos_scores = vectors.exact(queries, pos_grid)[pos_grid >= 0]
+        ann_scores = vectors.exact(queries, ann_rows)
+        pos_ranks = self._positive_ranks(queries, ann_rows, ann_scores, pos_q, pos_rows, pos_scores, depth)
 
-        missing = {i: [(slot, int(pos_rows[i][slot]), float(pos_scores[i][slot])) for slot, r in enumerate(pos_ranks[i]) if r is None]
-                   for i in range(n)}
-        missing = {i: v for i, v in missing.items() if v}
-        if self._scan:
-            for (i, slot), rank in self._scan_ranks(queries, missing).items():
-                pos_ranks[i][slot] = rank
-        else:
-            for i, slots in missing.items():
-                for slot, _, _ in slots:
-                    pos_ranks[i][slot] = depth + 1  # not in the searched top `depth`: a lower bound
-
-        columns: dict[str, list] = {name: [] for name in schemas.CANDIDATES.names if name not in batch.column_names}
-        for i in range(n):
-            sources = found[i]
-            fused = {}
-            for per_source in sources.values():
-                for doc_id, (rank, _) in per_source.items():
-                    fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (self.rrf_k + rank)
-            candidate_ids = sorted(fused, key=lambda d: (-fused[d], d))
-            cand_rows = np.array([self._row_of[d] for d in candidate_ids], dtype=np.int64)
-            dense = vectors.exact(queries[i], cand_rows)
-            columns["positive_dense_scores"].append(pos_scores[i].tolist())
-            columns["positive_ranks"].append(pos_ranks[i])
-            similarity = vectors.cosines(cand_rows, pos_rows[i])
-            columns["positive_similarity"].append(
-                similarity.max(axis=1).astype(np.float32).tolist() if similarity.shape[1] else [None] * len(candidate_ids)
-            )
-            columns["candidate_ids"].append(candidate_ids)
-            columns["sources"].append([[s for s in self.miners if d in sources.get(s, {})] for d in candidate_ids])
-            columns["dense_scores"].append(dense.tolist())
-            columns["dense_ranks"].append([sources.get("dense", {}).get(d, (None,))[0] for d in candidate_ids])
-            if self._bm25 is not None:
-                bm25_known = sources.get("bm25", {})
-                missing = [d for d in candidate_ids if d not in bm25_known]
-                extra_scores = dict(zip(missing, self._bm25.score(texts[i], missing))) if missing else {}
-                columns["bm25_scores"].append(
-                    [bm25_known[d][1] if d in bm25_known else extra_scores[d] for d in candidate_ids]
-                )
-                columns["bm25_ranks"].append([bm25_known.get(d, (None,))[0] for d in candidate_ids])
-                columns["positive_bm25_scores"].append(self._bm25.score(texts[i], positives[i]))
-            else:
-                columns["bm25_scores"].append(None)
-                columns["bm25_ranks"].append(None)
-                columns["positive_bm25_scores"].append(None)
-            columns["fused_ranks"].append(list(range(1, len(candidate_ids) + 1)))
+        sources = []
+        if self._ann is not None and "dense" in self.miners:
+            sources.append(("dense", self._dense_source(ann_rows, ann_scores, mask_keys)))
+        if "bm25" in self.miners and self._bm25 is not None:
+            q, rows, scores = hits
+            keep = ~_masked(q, rows, mask_keys, len(self._ids))
+            sources.append(("bm25", _first_k(q[keep], self.range_max, rows[keep], scores[keep])))
+        cand = self._fuse(sources, n)
+        columns = self._columns(batch, queries, vectors, tokens, cand, pos_q, pos_rows, pos_grid, pos_scores,
+                                pos_ranks)
         out = batch.drop_columns(["embedding"])
-        for name in schemas.CANDIDATES.names[len(schemas.QUERIES) :]:
-            out = out.append_column(name, pa.array(columns[name], type=schemas.CANDIDATES.field(name).type))
+        for name in schemas.CANDIDATES.names[len(schemas.QUERIES):]:
+            out = out.append_column(name, columns[name].cast(schemas.CANDIDATES.field(name).type))
         return out
+
+    def _masks(self, column: pa.ChunkedArray) -> tuple[np.ndarray, int]:
+        """Sorted (query * N + row) keys of every query's masked documents, and the largest number
+        of distinct masked ids of one query (ids outside the corpus count too)."""
+        q, ids = _flat(column)
+        if len(q) == 0:
+            return np.zeros(0, np.int64), 0
+        values = _as_bytes(ids)
+        order = np.lexsort((values, q))
+        q_sorted, v_sorted = q[order], values[order]
+        new = np.r_[True, (q_sorted[1:] != q_sorted[:-1]) | (v_sorted[1:] != v_sorted[:-1])]
+        extra = int(np.bincount(q_sorted[new]).max())
+        rows = self._ids.rows(ids)
+        known = rows >= 0
+        return np.unique(q[known] * len(self._ids) + rows[known]), extra
+
+    def _dense_source(self, rows: np.ndarray, scores: np.ndarray, mask_keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Each query's dense hits by exact score desc, then doc id; masked ids dropped; first
+        range_max: (query, rank, row, score)."""
+        valid = rows >= 0
+        q = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)[valid]
+        r, s = rows[valid], scores[valid]
+        order = np.lexsort((self._ids.rank[r], -s, q))
+        q, r, s = q[order], r[order], s[order]
+        keep = ~_masked(q, r, mask_keys, len(self._ids))
+        return _first_k(q[keep], self.range_max, r[keep], s[keep])
+
+    def _fuse(self, sources: list[tuple[str, tuple[np.ndarray, ...]]], n: int) -> dict[str, np.ndarray]:
+        """Reciprocal rank fusion of the sources' (query, rank, row, score) lists: every candidate
+        once per query, ordered by fused score desc, then doc id."""
+        q = np.concatenate([s[0] for _, s in sources] + [np.zeros(0, np.int64)])
+        rank = np.concatenate([s[1] for _, s in sources] + [np.zeros(0, np.int64)])
+        row = np.concatenate([s[2] for _, s in sources] + [np.zeros(0, np.int64)])
+        src = np.concatenate([np.full(len(s[0]), i) for i, (_, s) in enumerate(sources)] + [np.zeros(0, np.int64)])
+        score = np.concatenate([np.asarray(s[3], np.float64) for _, s in sources] + [np.zeros(0)])
+        key = q * len(self._ids) + row
+        unique, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        # Sources added in their order from 0.0, as sum order decides the last bit.
+        fused = np.zeros(len(unique))
+        for i in range(len(sources)):
+            at = src == i
+            np.add.at(fused, inverse[at], 1.0 / (self.rrf_k + rank[at]).astype(np.float64))
+        out = {"q": q[first], "row": row[first], "fused": fused}
+        for i, (name, _) in enumerate(sources):
+            at = src == i
+            found = np.zeros(len(unique), dtype=bool)
+            found[inverse[at]] = True
+            ranks = np.zeros(len(unique), dtype=np.int64)
+            ranks[inverse[at]] = rank[at]
+            scores = np.zeros(len(unique))
+            scores[inverse[at]] = score[at]
+            out.update({f"{name}_found": found, f"{name}_rank": ranks, f"{name}_score": scores})
+        order = np.lexsort((self._ids.rank[out["row"]], -fused, out["q"]))
+        out = {key_: value[order] for key_, value in out.items()}
+        out["counts"] = np.bincount(out["q"], minlength=n)
+        return out
+
+    def _positive_ranks(self, queries: np.ndarray, ann_rows: np.ndarray, ann_scores: np.ndarray, pos_q: np.ndarray,
+                        pos_rows: np.ndarray, pos_scores: np.ndarray, depth: int) -> np.ndarray:
+        """Each positive's dense corpus rank: from the search results when it is among them,
+        else from the exact scan (small corpora), else the lower bound depth + 1."""
+        ranks = np.zeros(len(pos_q), dtype=np.int64)
+        found = np.zeros(len(pos_q), dtype=bool)
+        if self._ann is not None and len(pos_q):
+            rows, scores = ann_rows[pos_q], ann_scores[pos_q]
+            self_ = rows == pos_rows[:, None]
+            found = self_.any(axis=1)
+            higher = (scores > pos_scores[:, None]) & ~self_ & (rows >= 0)
+            ranks = 1 + higher.sum(axis=1)
+        missing = np.flatnonzero(~found)
+        if len(missing) and self._scan:
+            ranks[missing] = self._scan_ranks(queries, pos_q[missing], pos_rows[missing], pos_scores[missing])
+        elif len(missing):
+            ranks[missing] = depth + 1  # not in the searched top `depth`: a lower bound
+        return ranks
+
+    def _scan_ranks(self, queries: np.ndarray, q: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Exact corpus ranks by a chunked scan: 1 + the number of *other* documents scoring
+        strictly higher than each (query q, positive row) pair's score."""
+        qs = np.unique(q)
+        column = np.searchsorted(qs, q)
+        matrix = np.asarray(queries[qs], dtype=np.float64)
+        threshold = scores.astype(np.float64)
+        higher = np.zeros(len(q), dtype=np.int64)
+        for start in range(0, len(self._ids), SCAN_CHUNK):
+            stop = min(start + SCAN_CHUNK, len(self._ids))
+            block = self._vectors.rows(start, stop).astype(np.float64) @ matrix.T  # chunk x queries
+            for c0 in range(0, len(q), SCAN_COLUMNS):
+                c1 = min(c0 + SCAN_COLUMNS, len(q))
+                higher[c0:c1] += (block[:, column[c0:c1]] > threshold[c0:c1]).sum(axis=0)
+            inside = np.flatnonzero((rows >= start) & (rows < stop))
+            # The positive itself never outranks itself.
+            higher[inside] -= block[rows[inside] - start, column[inside]] > threshold[inside]
+        return higher + 1
+
+    def _columns(self, batch: pa.Table, queries: np.ndarray, vectors: _BatchVectors, tokens, cand: dict,
+                 pos_q: np.ndarray, pos_rows: np.ndarray, pos_grid: np.ndarray, pos_scores: np.ndarray,
+                 pos_ranks: np.ndarray) -> dict[str, pa.Array]:
+        n, counts = batch.num_rows, cand["counts"]
+        pos_counts = np.bincount(pos_q, minlength=n) if len(pos_q) else np.zeros(n, dtype=np.int64)
+        cand_grid = _grid(cand["q"], cand["row"], n)
+        inside = cand_grid >= 0
+        dense = vectors.exact(queries, cand_grid)[inside]
+        similarity = vectors.max_cosine(cand_grid, pos_grid)[inside]
+        ints, floats = pa.int64(), pa.float32()
+        columns = {
+            "positive_dense_scores": _list_array(pos_counts, pa.array(pos_scores, floats)),
+            "positive_ranks": _list_array(pos_counts, pa.array(pos_ranks, ints)),
+            "candidate_ids": _list_array(counts, self._ids.take(cand["row"])),
+            "sources": self._sources_column(cand, counts),
+            "dense_scores": _list_array(counts, pa.array(dense, floats)),
+            "dense_ranks": _list_array(counts, _ranks(cand, "dense")),
+            "fused_ranks": _list_array(counts, pa.array(_positions(cand["q"], counts) + 1, ints)),
+            "positive_similarity": _list_array(counts, pa.array(similarity, floats, mask=np.isnan(similarity))),
+        }
+        if self._bm25 is None:
+            for name in ("bm25_scores", "bm25_ranks", "positive_bm25_scores"):
+                columns[name] = pa.nulls(n, schemas.CANDIDATES.field(name).type)
+            return columns
+        bm25_rows = cand["row"] if self._bm25_rows is None else self._bm25_index_rows(cand["row"])
+        pos_bm25_rows = pos_rows if self._bm25_rows is None else self._bm25_index_rows(pos_rows)
+        scores = cand.get("bm25_score", np.zeros(len(cand["q"])))
+        known = cand.get("bm25_found", np.zeros(len(cand["q"]), dtype=bool))
+        other = np.flatnonzero(~known)
+        scores = scores.copy()
+        scores[other] = self._bm25.score_rows(tokens, cand["q"][other], bm25_rows[other])
+        columns["bm25_scores"] = _list_array(counts, pa.array(scores, pa.float64()))
+        columns["bm25_ranks"] = _list_array(counts, _ranks(cand, "bm25"))
+        columns["positive_bm25_scores"] = _list_array(
+            pos_counts, pa.array(self._bm25.score_rows(tokens, pos_q, pos_bm25_rows), pa.float64()))
+        return columns
+
+    def _bm25_index_rows(self, rows: np.ndarray) -> np.ndarray:
+        # Inverse of the BM25 row -> index row map, for the rare corpus listed in another order.
+        if not hasattr(self, "_bm25_of_row"):
+            self._bm25_of_row = np.full(len(self._ids), -1, dtype=np.int64)
+            self._bm25_of_row[self._bm25_rows] = np.arange(len(self._bm25_rows))
+        return self._bm25_of_row[rows]
+
+    def _sources_column(self, cand: dict, counts: np.ndarray) -> pa.Array:
+        """Per candidate, the miners that found it, in the configured order."""
+        names = [m for m in self.miners if f"{m}_found" in cand]
+        found = np.stack([cand[f"{m}_found"] for m in names], axis=1) if names else np.zeros((len(cand["q"]), 0), bool)
+        which = np.broadcast_to(np.arange(len(names)), found.shape)[found]  # row-major: candidate order
+        inner = _list_array(found.sum(axis=1), pa.array(names, pa.string()).take(pa.array(which, pa.int64())))
+        return _list_array(counts, inner)
+
+
+def _ranks(cand: dict, source: str) -> pa.Array:
+    if f"{source}_found" not in cand:
+        return pa.nulls(len(cand["q"]), pa.int64())
+    return pa.array(cand[f"{source}_rank"], pa.int64(), mask=~cand[f"{source}_found"])
+
+
+def _masked(q: np.ndarray, rows: np.ndarray, mask_keys: np.ndarray, n_docs: int) -> np.ndarray:
+    if len(mask_keys) == 0 or len(q) == 0:
+        return np.zeros(len(q), dtype=bool)
+    return np.isin(q * n_docs + rows, mask_keys)
+
+
+def search_device(faiss_dir: Path, index_config) -> str:
+    """Where the candidates workers' index search runs: "gpu" when the config allows a GPU
+    (`index.gpu` on, or auto with a usable GPU here) and the index type has a faiss GPU version."""
+    from hardneg.stages.ann_index import gpu_capable, gpu_available
+
+    gpu = getattr(index_config, "gpu", "off")
+    if gpu == "off" or (gpu == "auto" and not gpu_available()):
+        return "cpu"
+    return "gpu" if gpu_capable(faiss_dir) else "cpu"

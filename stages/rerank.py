@@ -12,11 +12,45 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from hardneg.stages.base import MapStage, Resources
 from hardneg.stages.filters import KEPT, decide
-from hardneg.stages.io import iter_batches
+from hardneg.stages.io import parquet_files
 from hardneg.stages.models import model_fingerprint, resolve_model
+
+
+class CorpusTexts:
+    """Texts of the corpus (Parquet shards of doc_id, text) looked up by id a batch at a time.
+    Only the ids are held (as Arrow/numpy, no Python object per document) with each one's
+    (file, row group, row); a lookup reads the text column of the row groups that hold the asked
+    ids and keeps just those texts."""
+
+    def __init__(self, directory: Path) -> None:
+        from hardneg.stages.candidates import DocIds
+
+        self._files = [pq.ParquetFile(f) for f in parquet_files(directory)]
+        ids, where = [], []
+        for f, reader in enumerate(self._files):
+            for g in range(reader.metadata.num_row_groups):
+                column = reader.read_row_group(g, columns=["doc_id"]).column("doc_id")
+                ids.append(column.combine_chunks())
+                where.append(np.stack([np.full(len(column), f), np.full(len(column), g), np.arange(len(column))], 1))
+        self._ids = DocIds(pa.concat_arrays(ids) if ids else pa.array([], pa.string()))
+        self._where = np.concatenate(where) if where else np.zeros((0, 3), dtype=np.int64)
+
+    def lookup(self, doc_ids: list[str]) -> dict[str, str]:
+        unique = sorted(set(doc_ids))
+        rows = self._ids.rows(pa.array(unique, pa.string()))
+        if (rows < 0).any():
+            raise KeyError(f"document {unique[int(np.flatnonzero(rows < 0)[0])]!r} is not in the corpus")
+        where = self._where[rows]
+        out: dict[str, str] = {}
+        for f, g in sorted({(int(a), int(b)) for a, b, _ in where}):
+            at = np.flatnonzero((where[:, 0] == f) & (where[:, 1] == g))
+            texts = self._files[f].read_row_group(g, columns=["text"]).column("text").take(pa.array(where[at, 2]))
+            out.update(zip((unique[i] for i in at), texts.to_pylist()))
+        return out
 
 
 class RerankStage(MapStage):
@@ -51,10 +85,9 @@ class RerankStage(MapStage):
             torch.set_num_threads(max(1, int(self.threads)))
         self._model = CrossEncoder(resolve_model(self.model), device=self.device, max_length=self.max_length,
                                    trust_remote_code=self.trust_remote_code)
-        # Documents are looked up by id; the corpus is read once per worker.
-        self._texts: dict[str, str] = {}
-        for batch in iter_batches(Path(self.corpus_dir), 100_000):
-            self._texts.update(zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()))
+        # Texts are read per batch, only those the batch scores: a worker holds the ids, not the
+        # corpus (every text in a dict costs gigabytes per worker on a large corpus).
+        self._texts = CorpusTexts(Path(self.corpus_dir))
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         if not pairs:
@@ -69,17 +102,19 @@ class RerankStage(MapStage):
 
     def transform(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        pairs: list[tuple[str, str]] = []
+        wanted: list[tuple[str, str]] = []  # (query text, doc id)
         slots: list[tuple[int, str, int]] = []  # (row, "pos" | "cand", index)
         for r, row in enumerate(rows):
             for j, doc_id in enumerate(row["positive_ids"]):
-                pairs.append((row["text"], self._texts[doc_id]))
+                wanted.append((row["text"], doc_id))
                 slots.append((r, "pos", j))
             decisions = decide({**row, "ce_scores": None, "positive_ce_scores": None}, self.specs, skip_score="cross_encoder")
             for j, decision in enumerate(decisions):
                 if decision == KEPT:
-                    pairs.append((row["text"], self._texts[row["candidate_ids"][j]]))
+                    wanted.append((row["text"], row["candidate_ids"][j]))
                     slots.append((r, "cand", j))
+        texts = self._texts.lookup([doc_id for _, doc_id in wanted])
+        pairs = [(query, texts[doc_id]) for query, doc_id in wanted]
         scores = self.score_pairs(pairs)
         positive = [[None] * len(row["positive_ids"]) for row in rows]
         candidate = [[None] * len(row["candidate_ids"]) for row in rows]

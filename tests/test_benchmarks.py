@@ -17,10 +17,17 @@ def test_scale_quick_prints_every_stage_with_memory_and_recall() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "10,000 documents x 1,000 queries" in out
-    rows = dict(re.findall(r"^(\w+)\s+[\d.]+\s+([\d.]+)$", out, re.M))
+    # stage, seconds, µs per query, µs per document, share of the stages' time, peak RSS GiB
+    found = re.findall(r"^(\w+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)$", out, re.M)
+    rows = {name: [float(v) for v in values] for name, *values in found}
     for stage in ("ingest", "query_vectors", "corpus_vectors", "index", "bm25_index", "candidates", "filter",
                   "sample", "write"):
         assert stage in rows, out
-        assert 0.05 < float(rows[stage]) < 4.0  # peak RSS in GiB, measured from /proc
+        seconds, per_query, per_doc, share, rss = rows[stage]
+        assert 0.05 < rss < 4.0  # peak RSS in GiB, measured from /proc
+        # seconds are printed to 0.1 s: the per-item costs agree with them within that rounding
+        assert abs(per_query - seconds / 1000 * 1e6) <= 0.05 / 1000 * 1e6 + 1  # 1,000 queries
+        assert abs(per_doc - seconds / 10_000 * 1e6) <= 0.05 / 10_000 * 1e6 + 0.1  # 10,000 documents
+    assert abs(sum(r[3] for r in rows.values()) - 100) < 1.0, out  # the shares add up
     recall = float(re.search(r"recall@100 ([\d.]+)", out).group(1))
     assert recall >= 0.95
