@@ -20,6 +20,10 @@ from hardneg.stages.models import model_fingerprint, resolve_model
 
 _BUCKET = 16
 
+# Loaded models by what loading depends on: stages that share a model in one worker process
+# (queries and corpus, in-process or on one Ray actor) load it once.
+_MODELS: dict[tuple, Any] = {}
+
 
 class EmbedStage(MapStage):
     name = "embed"
@@ -40,7 +44,7 @@ class EmbedStage(MapStage):
         threads: int = 1,
         keep_columns: bool = False,
         trust_remote_code: bool = False,
-        batch_size: int = 1024,
+        batch_size: int = 256,  # rows per task: the progress bar moves once a batch
         max_workers: int | None = None,
         label: str = "embed",
     ) -> None:
@@ -78,16 +82,28 @@ class EmbedStage(MapStage):
             "normalize": True,
         }
 
+    def pool_key(self) -> tuple:
+        # Everything the loaded model depends on: stages with the same key share workers.
+        return ("embed", self.model, self.device, self.precision, int(self.threads), self.trust_remote_code)
+
     def setup(self) -> None:
         import torch
-        from sentence_transformers import SentenceTransformer
 
         if not self.device.startswith("cuda"):
             # Fixed thread count: the same arithmetic whichever runner hosts this worker.
             torch.set_num_threads(max(1, int(self.threads)))
         self._torch = torch
+        key = (resolve_model(self.model), self.device, self.precision, self.trust_remote_code)
+        if key not in _MODELS:
+            _MODELS.clear()  # one model per process at a time: a worker moving on frees the last
+            _MODELS[key] = self._load()
+        self._model = _MODELS[key]
+
+    def _load(self):
+        from sentence_transformers import SentenceTransformer
+
         try:
-            self._model = SentenceTransformer(
+            model = SentenceTransformer(
                 resolve_model(self.model),
                 device=self.device,
                 trust_remote_code=self.trust_remote_code,
@@ -97,11 +113,10 @@ class EmbedStage(MapStage):
 
             first = (str(err).strip().splitlines() or [""])[0][:300]
             raise ModelLoadError(f"embedding model {self.model!r} cannot be loaded: {err.__class__.__name__}: {first}") from None
-        if self.max_seq_length:
-            self._model.max_seq_length = self.max_seq_length
-        self._model.eval()
+        model.eval()
         if self.precision == "fp16" and self.device.startswith("cuda"):
-            self._model.half()
+            model.half()
+        return model
 
     def _autocast(self):
         torch = self._torch
@@ -115,7 +130,8 @@ class EmbedStage(MapStage):
         """Normalised float32 vectors for `texts`, in order."""
         torch = self._torch
         tokenizer = self._model.tokenizer
-        max_len = int(self._model.max_seq_length or tokenizer.model_max_length)
+        # The stage's own limit, never written into the shared model (another stage may differ).
+        max_len = int(self.max_seq_length or self._model.max_seq_length or tokenizer.model_max_length)
         if self.prompt:
             texts = [self.prompt + t for t in texts]
         lengths = [
