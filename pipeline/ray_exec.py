@@ -171,6 +171,8 @@ class RayExecutor:
 
                     first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:300]
                     raise ConfigError(f"cannot join the Ray cluster at {self.address}: {first}") from None
+            elif os.environ.get("RAY_ADDRESS"):
+                ray.init(**kwargs)  # joins that cluster: its workers' settings are its own
             else:
                 # Workers at the driver's niceness, not Ray's default 15.
                 ray.init(_system_config={"worker_niceness": self._nice}, **kwargs)
