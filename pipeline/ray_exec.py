@@ -238,16 +238,18 @@ class RayExecutor:
         return writer.rows
 
     def _collect(self, ray, stage: MapStage, ref, writer: ShardWriter, bar) -> None:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError
 
         try:
             table = ray.get(ref)
         except RayTaskError as err:
+            # The stage's own exception is the cause: a user error in it (a model that cannot
+            # load, bad input) still ends the run in one line (pipeline/errors.py follows causes).
             cause = getattr(err, "cause", None)
-            if isinstance(cause, Exception) and not isinstance(cause, (RayTaskError, RayActorError)):
-                raise cause from None  # the stage's own error (a model that cannot load, bad input)
-            raise WorkerError(f"{stage.name}: a Ray worker failed ({self._logs_hint()}): "
-                              f"{(str(err).strip().splitlines() or [''])[0][:300]}") from None
+            cause = cause if isinstance(cause, Exception) and not isinstance(cause, RayError) else None
+            what = f"{cause.__class__.__name__}: {cause}" if cause is not None else str(err)
+            raise WorkerError(f"{stage.name} failed on a Ray worker ({self._logs_hint()}): "
+                              f"{(what.strip().splitlines() or [''])[0][:300]}") from cause
         except RayActorError as err:
             raise WorkerError(f"{stage.name}: a Ray worker died and was restarted {MAX_RESTARTS} times, or its node "
                               f"was lost ({self._logs_hint()}): {(str(err).strip().splitlines() or [''])[0][:300]}") from None
