@@ -14,4 +14,4 @@ def progress_bar(name: str, total: int, enabled: bool):
     return tqdm(total=total, desc=f"{name:<16}", unit=" rows", unit_scale=False, leave=False,
                 dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr,
                 mininterval=0.5, bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} rows "
-                "[{elapsed}<{remaining}, {rate_fmt}]")
+                "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
