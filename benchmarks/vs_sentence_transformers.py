@@ -4,13 +4,22 @@ Same model (all-MiniLM-L6-v2), num_negatives=5, sampling_strategy="top", FAISS o
 query with its best-graded document, only that positive masked (hardneg: --positives best
 --hide-extra-positives). Prints wall times and ratios:
 
+* the CPU's features that decide the embedding precision (avx512_bf16, AMX, AVX2; torch's
+  kernel level) and the precision hardneg picks on it;
 * sentence-transformers, cold (model loading included);
-* hardneg cold: empty work dir, Ray start included (`hardneg mine` as a subprocess);
+* the floor: the model's plain `encode` of exactly the texts hardneg embeds (queries and corpus,
+  with their prompts and max length), at the precision hardneg picks, in this process, model
+  already loaded: what any tool must spend on this machine;
+* hardneg cold: empty work dir, Ray start included (`hardneg mine` as a subprocess), with the
+  default runner (local Ray) and with `--runner local`, and their ratio;
 * hardneg warm: the same work dir, only a filter changed (relative_margin);
 * agreement: share of identical negatives per pair when hardneg runs sentence-transformers'
   settings (dense only, range_min=0, no false-negative filters, top sampling).
 
     python benchmarks/vs_sentence_transformers.py [--runner ray|local] [--beir examples/cranfield]
+
+It takes minutes (the corpus is embedded four times: by sentence-transformers, for the floor,
+and by hardneg cold with each runner); other work on the machine's cores slows every figure.
 """
 
 from __future__ import annotations
@@ -35,6 +44,38 @@ def hardneg(args: list[str]) -> float:
     proc = subprocess.run([sys.executable, "-m", "hardneg.pipeline.cli", "mine", *args, "-q"], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
+    return time.perf_counter() - started
+
+
+def cpu_features() -> str:
+    import torch
+
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).partition(":")[2].split())
+    except (OSError, StopIteration):
+        flags = set()
+    model = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    have = {name: name in flags for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
+    return (f"cpu: {model}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items())
+            + f"; torch kernels {torch.backends.cpu.get_cpu_capability()}")
+
+
+def floor_seconds(model, precision: str, queries: list[str], corpus: list[str], config) -> float:
+    """The model's own `encode` of the texts hardneg embeds, at hardneg's precision."""
+    import contextlib
+
+    import torch
+
+    model.max_seq_length = config.max_seq_length or model.max_seq_length
+    queries = [(config.query_prompt or "") + q for q in queries]
+    corpus = [(config.corpus_prompt or "") + d for d in corpus]
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        model.encode(queries, batch_size=config.embed_batch_size, normalize_embeddings=True)
+        model.encode(corpus, batch_size=config.embed_batch_size, normalize_embeddings=True)
     return time.perf_counter() - started
 
 
@@ -75,11 +116,20 @@ def main() -> None:
         st = mine_hard_negatives(pairs, model, corpus=list(texts.values()), num_negatives=5, sampling_strategy="top",
                                  range_max=opts.range_max, use_faiss=True, output_format="n-tuple", verbose=False)
         st_seconds = time.perf_counter() - started
+
+        # --- the floor: exactly hardneg's texts (its ingest), at the precision it picks here
+        from hardneg.stages.models import pick_precision
+
+        config = MineConfig(beir=opts.beir, out=work / "x")
+        precision = pick_precision(config.precision, "cpu")
+        floor = floor_seconds(model, precision, [q["text"] for q in queries], list(texts.values()), config)
         del model
 
-        common = ["--beir", str(opts.beir), "--positives", "best", "--hide-extra-positives", "--num-negatives", "5",
-                  "--runner", opts.runner, "--work-dir", str(work / "hn-work"), "--set", f"range_max={opts.range_max}",
-                  "--set", "precision=fp32"]
+        base = ["--beir", str(opts.beir), "--positives", "best", "--hide-extra-positives", "--num-negatives", "5",
+                "--set", f"range_max={opts.range_max}"]
+        common = [*base, "--runner", opts.runner, "--work-dir", str(work / "hn-work")]
+        other = "local" if opts.runner == "ray" else "ray"
+        cold_other = hardneg([*base, "--runner", other, "--work-dir", str(work / "hn-work-other"), "--out", str(work / "cold-other")])
         cold = hardneg([*common, "--out", str(work / "cold")])
         warm = hardneg([*common, "--out", str(work / "warm"), "--set", "relative_margin=0.05"])
         # Identical settings to sentence-transformers: dense only, no false-negative filters.
@@ -96,14 +146,20 @@ def main() -> None:
             total += len(negatives)
 
         print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, runner {opts.runner}")
+        print(cpu_features() + f"; hardneg precision {precision}")
         print(f"{'run':<44}{'seconds':>10}{'vs ST cold':>12}")
         print(f"{'sentence-transformers mine_hard_negatives':<44}{st_seconds:>10.1f}{1.0:>11.2f}x")
-        print(f"{'hardneg mine, cold (empty cache, Ray start)':<44}{cold:>10.1f}{st_seconds / cold:>11.2f}x")
+        print(f"{'floor: model.encode of hardneg texts':<44}{floor:>10.1f}{st_seconds / floor:>11.2f}x")
+        print(f"{'hardneg mine, cold, runner ' + opts.runner:<44}{cold:>10.1f}{st_seconds / cold:>11.2f}x")
+        print(f"{'hardneg mine, cold, runner ' + other:<44}{cold_other:>10.1f}{st_seconds / cold_other:>11.2f}x")
         print(f"{'hardneg mine, warm (relative_margin changed)':<44}{warm:>10.1f}{st_seconds / warm:>11.2f}x")
         print(f"{'hardneg mine, ST settings (cached embeddings)':<44}{same_settings:>10.1f}{st_seconds / same_settings:>11.2f}x")
         stages = json.loads((work / "cold" / "stats.json").read_text())["stages"]
         print("hardneg cold, seconds per stage: "
               + ", ".join(f"{name} {info['seconds']:.1f}" for name, info in stages.items() if not info["reused"]))
+        ray_s, local_s = (cold, cold_other) if opts.runner == "ray" else (cold_other, cold)
+        print(f"default runner (ray) / --runner local, cold: {ray_s / local_s:.3f} (target <= 1.15)")
+        print(f"hardneg cold ({opts.runner}) / floor: {cold / floor:.3f} (target <= 1.3)")
         print(f"agreement at identical settings: {same}/{total} negatives = {same / max(total, 1):.3f}")
         print(f"rows: sentence-transformers {len(st)}, hardneg {ours.num_rows}")
     finally:

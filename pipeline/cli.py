@@ -26,15 +26,22 @@ def _root() -> None:
 
 
 def _setup_logging(level: str, quiet: bool) -> None:
-    if quiet:
+    """The terminal shows hardneg's stage lines, its progress bars and the summary; libraries'
+    own bars and notices (weights loading, dataset saving, Ray's reports) only with
+    `--log-level debug`. Ray's log lines go to a file in the work dir (pipeline/ray_exec.py)."""
+    debug = level.lower() == "debug"
+    if not debug:
         # Before transformers/datasets are imported (here and in Ray workers, which inherit HF_*).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO),
                         format="%(message)s", stream=sys.stderr)
-    for noisy in ("sentence_transformers", "transformers", "datasets", "ray", "faiss", "bm25s", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not debug:
+        for noisy in ("sentence_transformers", "transformers", "datasets", "ray", "faiss", "bm25s", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        # The index builder's per-shard timings: detail for debugging, not a stage line.
+        logging.getLogger("hardneg.stages.ann_index").setLevel(logging.WARNING)
 
 
 MINE_HELP = "Mine hard negatives into a Hugging Face dataset.\n\nEvery config key (YAML or --set key=value):\n\n" + "\n\n".join(
@@ -64,8 +71,8 @@ def mine(
     runner: Optional[str] = typer.Option(None, help="ray | local"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
     set_: list[str] = typer.Option([], "--set", help="key=value (any config key, dotted for sections)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or logs"),
-    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only the final summary: no stage lines or progress bars"),
+    log_level: str = typer.Option("info", help="debug (everything, Ray's reports too) | info | warning | error"),
     push_to_hub: Optional[str] = typer.Option(None, help="after writing, upload OUT to this Hub dataset repo (user/name; implies --layout hub)"),
 ) -> None:
     _setup_logging(log_level, quiet)
@@ -86,11 +93,9 @@ def mine(
             raise ConfigError("--push-to-hub uploads the hub layout: drop --layout disk")
         check_push(push_to_hub)
     result = run_mine(cfg, progress=not quiet)
-    reused = ", ".join(result.reused) or "none"
-    log.info("reused stages: %s", reused)
-    log.info("computed stages: %s", ", ".join(result.computed) or "none")
-    if not quiet:
-        print_summary(result)
+    log.debug("reused stages: %s", ", ".join(result.reused) or "none")
+    log.debug("computed stages: %s", ", ".join(result.computed) or "none")
+    print_summary(result)
     if push_to_hub:
         from hardneg.pipeline.card import PushError, push_to_hub as push
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
+from hardneg.pipeline.progress import progress_bar
 from hardneg.stages.base import MapStage
 from hardneg.stages.io import ShardWriter, count_rows, iter_batches
 
@@ -16,11 +15,12 @@ class LocalExecutor:
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
 
+    def prepare(self, stages: list[MapStage]) -> None:
+        """Nothing to start ahead: the in-process runner loads a model when its stage runs."""
+
     def run_map(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
         total = count_rows(input_dir)
-        with ShardWriter(out_dir) as writer, tqdm(
-            total=total, desc=stage.name, unit="row", disable=not self.progress, leave=False, dynamic_ncols=True
-        ) as bar:
+        with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
             for batch in iter_batches(input_dir, stage.resources.batch_size):
                 writer.write(stage(batch))
                 bar.update(batch.num_rows)

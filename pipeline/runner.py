@@ -147,7 +147,8 @@ class Pipeline:
         if config.runner == "ray":
             from hardneg.pipeline.ray_exec import RayExecutor
 
-            self.executor = RayExecutor(config.ray_address, progress)
+            # Ray's own log lines go to a file in the work dir (a failure message names it).
+            self.executor = RayExecutor(config.ray_address, progress, log_file=self.work.root / ".ray.log")
         else:
             from hardneg.pipeline.local import LocalExecutor
 
@@ -155,9 +156,13 @@ class Pipeline:
         self.results: list[StageResult] = []
 
     # ------------------------------------------------------------------ running stages
-    def _run(self, stage, upstream: list[StageResult | str], inputs: dict[str, Path], *, map_input: Path | None = None, in_process: bool = False) -> StageResult:
+    @staticmethod
+    def _fingerprint(stage, upstream: list[StageResult | str]) -> tuple[str, list[str]]:
         upstream = [u if isinstance(u, str) else u.fingerprint for u in upstream]
-        fp = fingerprint(stage.name, stage.version, stage.fingerprint_config(), upstream)
+        return fingerprint(stage.name, stage.version, stage.fingerprint_config(), upstream), upstream
+
+    def _run(self, stage, upstream: list[StageResult | str], inputs: dict[str, Path], *, map_input: Path | None = None, in_process: bool = False) -> StageResult:
+        fp, upstream = self._fingerprint(stage, upstream)
         if self.work.is_done(stage.name, fp):
             result = StageResult(stage.name, self.work.path(stage.name, fp), fp, reused=True,
                                  info=self.work.manifest(stage.name, fp).get("info", {}))
@@ -186,7 +191,8 @@ class Pipeline:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             result = StageResult(stage.name, path, fp, reused=False, seconds=seconds, info=info)
-            log.info("%-16s done    (%s) in %.1fs", stage.name, fp[:12], seconds)
+            rate = f", {info['rows']} rows, {info['rows'] / max(seconds, 1e-9):.1f} rows/s" if "rows" in info else ""
+            log.info("%-16s done    (%s) in %.1fs%s", stage.name, fp[:12], seconds, rate)
         self.results.append(result)
         return result
 
@@ -233,8 +239,16 @@ class Pipeline:
     def _embed_and_index(self):
         c = self.config
         ingest_stage = IngestStage(c)
-        ingest = self._run(ingest_stage, [], {})
         corpus_fp = ingest_stage.corpus_fingerprint()
+        embed_queries = None if c.query_embeddings is not None else self._embed("embed_queries", c.query_prompt, "query_id", keep=True)
+        embed_corpus = None if c.corpus_embeddings is not None else self._embed("embed_corpus", c.corpus_prompt, "doc_id", keep=False)
+        # Start the model workers now, so they load while ingest runs: fingerprints are known
+        # before ingest computes anything, and a stage already in the work dir starts nothing.
+        ingest_fp, _ = self._fingerprint(ingest_stage, [])
+        todo = [stage for stage, up in ((embed_queries, ingest_fp), (embed_corpus, corpus_fp))
+                if stage is not None and not self.work.is_done(stage.name, self._fingerprint(stage, [up])[0])]
+        self.executor.prepare(todo)
+        ingest = self._run(ingest_stage, [], {})
         ingest_dir = ingest.path
         # An empty corpus first: it is the cause when every judgement points at a missing document.
         if ingest.info.get("corpus_rows", 0) == 0:
@@ -249,15 +263,13 @@ class Pipeline:
             queries = self._run(PrecomputedQueryVectors(Path(c.query_embeddings)), [ingest], {},
                                 map_input=ingest_dir / "queries", in_process=True)
         else:
-            queries = self._run(self._embed("embed_queries", c.query_prompt, "query_id", keep=True), [ingest], {},
-                                map_input=ingest_dir / "queries")
+            queries = self._run(embed_queries, [ingest], {}, map_input=ingest_dir / "queries")
         if c.corpus_embeddings is not None:
             from hardneg.stages.precomputed import PrecomputedEmbeddings
 
             corpus = self._run(PrecomputedEmbeddings(Path(c.corpus_embeddings)), [], {})
         else:
-            corpus = self._run(self._embed("embed_corpus", c.corpus_prompt, "doc_id", keep=False), [corpus_fp], {},
-                               map_input=ingest_dir / "corpus")
+            corpus = self._run(embed_corpus, [corpus_fp], {}, map_input=ingest_dir / "corpus")
         if c.index.index != "auto":  # parsed at config time; now with the vectors' real size
             from hardneg.pipeline.config import check_factory_string
             from hardneg.stages.index import embedding_dim

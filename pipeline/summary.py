@@ -37,8 +37,10 @@ def print_summary(result, console: Console | None = None) -> None:
         f"{sum(stats.get('rejected_pairs', {}).values())} rejected"
     )
     scores = {"positive": stats["scores"]["positive"], "negative": stats["scores"]["negative"]}
-    for source, values in stats.get("scores_per_source", {}).items():
-        scores[f"negative ({source})"] = values
+    per_source = stats.get("scores_per_source", {})
+    if len(per_source) > 1:  # one source: its row would repeat the negative row
+        for source, values in per_source.items():
+            scores[f"negative ({source})"] = values
     console.print(_score_table("Scores", scores))
     decisions = _table("Candidates by decision")
     decisions.add_column("decision")

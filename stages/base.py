@@ -52,6 +52,11 @@ class MapStage(Stage):
     def __init__(self) -> None:
         self._ready = False
 
+    def pool_key(self) -> tuple:
+        """Stages with equal keys share one pool of workers in a run (on Ray: one set of actors,
+        each loading the model once). By default a stage has a pool of its own."""
+        return ("stage", self.name)
+
     def setup(self) -> None:
         """Load models, indices... Called once per worker before the first batch."""
 

@@ -83,23 +83,49 @@ def check_model(name: str, kind: str) -> None:
             )
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+# torch's AVX512 kernels need these (aten/src/ATen/native/DispatchStub.cpp).
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
+
+
 def cpu_supports_bf16() -> bool:
+    """Native bf16: torch runs its AVX512 kernels and the CPU has avx512_bf16 or AMX-bf16.
+    Answered from /proc/cpuinfo where that is unambiguous, so a run that embeds nothing never
+    imports torch; torch itself decides the rest (a capability forced by ATEN_CPU_CAPABILITY)."""
+    flags = _cpu_flags()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return False
+    if _AVX512 <= flags and "ATEN_CPU_CAPABILITY" not in os.environ:
+        return True
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability().upper()
-    if "AVX512" in capability or "AMX" in capability:
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
+    return "AVX512" in capability or "AMX" in capability
+
+
+def _no_gpu_device() -> bool:
+    """True when this machine plainly has no GPU torch could use (no NVIDIA or ROCm device
+    node), so `device: auto` is the CPU without importing torch."""
+    return not (any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()
+                or Path("/proc/driver/nvidia").exists())
 
 
 def pick_device(device: str) -> str:
-    import torch
-
     if device == "auto":
+        if _no_gpu_device():
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 

@@ -11,6 +11,7 @@ import datasets
 import pytest
 
 from helpers import CRANFIELD, read_qrels, write_beir, read_jsonl
+from resilience import done_stages, reused_stages
 from hardneg import MineConfig, run_mine
 
 pytestmark = pytest.mark.slow
@@ -64,8 +65,9 @@ def test_cli_rerun_log_names_reused_stages(cranfield_run, warm_work_dir, tmp_pat
            "--runner", "local"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "reused stages:" in proc.stderr and "embed_corpus" in proc.stderr.split("reused stages:")[1].splitlines()[0]
-    assert "computed stages: write" in proc.stderr
+    # One line per stage: `<stage>  reused  (<fingerprint>)` or `<stage>  done  (<fingerprint>) in ...`.
+    assert "embed_corpus" in reused_stages(proc.stderr)
+    assert done_stages(proc.stderr) == {"write"}
     assert "225 rows" in proc.stdout
 
 
