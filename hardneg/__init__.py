@@ -2,6 +2,7 @@
 
     import hardneg
     dataset = hardneg.mine(beir="examples/cranfield", out="out/cranfield", positives="best", num_negatives=5)
+    triplets = hardneg.mine_hard_negatives(pairs, model)  # sentence-transformers' function and arguments
 
 The repository keeps the design's top-level folders (`pipeline/`, `stages/`, `schemas/`); they
 install as `hardneg.pipeline`, `hardneg.stages` and `hardneg.schemas`, so nothing generic lands at
@@ -30,4 +31,22 @@ except _metadata.PackageNotFoundError:  # a checkout that was never installed
 from hardneg.pipeline.api import mine, run_mine  # noqa: E402
 from hardneg.pipeline.config import MineConfig  # noqa: E402
 
-__all__ = ["MineConfig", "__version__", "mine", "run_mine"]
+# Loaded on first use, so `import hardneg` stays light.
+_LAZY = {
+    "mine_hard_negatives": ("hardneg.pipeline.st_compat", "mine_hard_negatives"),  # sentence-transformers' drop-in
+    "evaluate": ("hardneg.pipeline.evaluate", "evaluate"),  # `hardneg eval` as a function
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hardneg' has no attribute {name!r}")
+
+
+__all__ = ["MineConfig", "__version__", "evaluate", "mine", "mine_hard_negatives", "run_mine"]

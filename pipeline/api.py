@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hardneg.pipeline.config import MineConfig, build_config
+from hardneg.pipeline.config import MineConfig, build_config, canonical_keys
 from hardneg.pipeline.runner import Pipeline, RunResult
 
 
@@ -23,6 +23,7 @@ def mine(config: MineConfig | str | Path | None = None, *, progress: bool = Fals
     `config` may be a MineConfig or a YAML file; keyword arguments are config keys and win."""
     import datasets
 
+    keys = canonical_keys(keys)  # sentence-transformers' names (output_format, batch_size, ...) too
     if isinstance(config, MineConfig):
         cfg = config.model_copy(update=keys)
         cfg = MineConfig(**cfg.model_dump())

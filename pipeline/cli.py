@@ -57,7 +57,7 @@ def mine(
     out: Optional[Path] = typer.Option(None, help="output folder"),
     config: Optional[Path] = typer.Option(None, help="YAML config file"),
     num_negatives: Optional[int] = typer.Option(None, help="negatives per pair"),
-    format: Optional[str] = typer.Option(None, help="triplet | n-tuple | labeled-pair | labeled-list"),
+    format: Optional[str] = typer.Option(None, "--format", "--output-format", help="triplet | n-tuple | labeled-pair | labeled-list"),
     positives: Optional[str] = typer.Option(None, help="all | best"),
     hide_extra_positives: Optional[bool] = typer.Option(None, "--hide-extra-positives", help="with --positives best: keep other judged positives in the pool"),
     split: Optional[str] = typer.Option(None, help="qrels split"),

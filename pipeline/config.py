@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hardneg.pipeline.errors import ConfigError
 from hardneg.stages.ann_index import IndexConfig
@@ -31,8 +31,35 @@ DEFAULT_FILTERS: list[dict] = [
 DEFAULT_SAMPLING = "top"
 
 
+# sentence-transformers' `mine_hard_negatives` argument names that mean a hardneg key: accepted
+# as aliases everywhere (MineConfig(...), YAML, --set, the Python API).
+ST_ALIASES: dict[str, str] = {
+    "anchor_column_name": "query_column",
+    "positive_column_name": "positive_column",
+    "output_format": "format",
+    "batch_size": "embed_batch_size",
+    "cache_folder": "work_dir",
+}
+
+
+def _alias(name: str) -> AliasChoices:
+    """The key's own name or its sentence-transformers alias."""
+    return AliasChoices(name, next(k for k, v in ST_ALIASES.items() if v == name))
+
+
+def canonical_keys(data: dict) -> dict:
+    """`data` with sentence-transformers' names replaced by hardneg's (a later key wins when both
+    are given, as with any repeated key)."""
+    out: dict = {}
+    for key, value in data.items():
+        name = ST_ALIASES.get(key, key)
+        out.pop(name, None)
+        out[name] = value
+    return out
+
+
 class MineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     # --- inputs ---
     beir: Path | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
@@ -41,8 +68,8 @@ class MineConfig(BaseModel):
     split: str = Field("test", description="qrels split of a BEIR folder")
     positives: Literal["all", "best"] = Field("all", description="one pair per judged positive, or per query its best-graded one")
     hide_extra_positives: bool = Field(False, description="with positives=best: leave the other judged positives in the candidate pool (to measure false negatives)")
-    query_column: str | None = Field(None, description="pair file: query text column (default: first column)")
-    positive_column: str | None = Field(None, description="pair file: positive text column (default: second column)")
+    query_column: str | None = Field(None, validation_alias=_alias("query_column"), description="pair file: query text column (default: first column)")
+    positive_column: str | None = Field(None, validation_alias=_alias("positive_column"), description="pair file: positive text column (default: second column)")
     query_id_column: str | None = Field(None, description="pair file: query id column (default: content hash of the text)")
     positive_id_column: str | None = Field(None, description="pair file: positive id column (default: content hash of the text)")
     corpus_id_column: str = Field("_id", description="corpus file id column")
@@ -52,8 +79,8 @@ class MineConfig(BaseModel):
 
     # --- output ---
     out: Path | None = Field(None, description="output folder (a datasets save_to_disk folder)")
-    work_dir: Path | None = Field(None, description="cache of stage outputs (default: .hardneg-work beside the output)")
-    format: Format = Field("n-tuple", description="output format, as sentence-transformers names them")
+    work_dir: Path | None = Field(None, validation_alias=_alias("work_dir"), description="cache of stage outputs (default: .hardneg-work beside the output)")
+    format: Format = Field("n-tuple", validation_alias=_alias("format"), description="output format, as sentence-transformers names them")
     layout: Literal["disk", "hub"] = Field("disk", description="disk: datasets save_to_disk; hub: data/*.parquet + dataset card")
     metadata_columns: bool = Field(True, description="keep ids, scores, ranks and sources beside the texts")
 
@@ -64,7 +91,7 @@ class MineConfig(BaseModel):
     max_seq_length: int | None = Field(None, gt=0, description="truncate texts to this many tokens (default: the model's)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp16 on GPU, bf16 on CPUs with native bf16, else fp32")
     device: str = Field("auto", description="auto, cpu, cuda")
-    embed_batch_size: int = Field(32, gt=0, description="texts per forward pass")
+    embed_batch_size: int = Field(32, validation_alias=_alias("embed_batch_size"), gt=0, description="texts per forward pass")
     trust_remote_code: bool = Field(False, description="let models run their own code (off: safe by default)")
 
     # --- candidates ---
@@ -218,7 +245,9 @@ def describe_keys() -> str:
     lines = []
     for name, field in MineConfig.model_fields.items():
         default = field.default if field.default_factory is None else "(see below)"
-        lines.append(f"{name} = {default!r}: {field.description or ''}")
+        aliases = [k for k, v in ST_ALIASES.items() if v == name]
+        also = f" (also: {', '.join(aliases)})" if aliases else ""
+        lines.append(f"{name}{also} = {default!r}: {field.description or ''}")
     for prefix, model in (("index", IndexConfig), ("bm25", BM25Config)):
         for name, field in model.model_fields.items():
             lines.append(f"{prefix}.{name} = {field.default!r}")
@@ -246,12 +275,13 @@ def build_config(
             raise ConfigError(f"config file {yaml_file}: invalid YAML ({err.__class__.__name__})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_file}: expected a mapping of keys")
-        data.update(loaded)
+        data.update(canonical_keys(loaded))
     for key, value in (overrides or {}).items():
         if value is not None:
-            data[key] = value
+            data[ST_ALIASES.get(key, key)] = value
     for text in assignments:
         path, value = parse_assignment(text)
+        path[0] = ST_ALIASES.get(path[0], path[0])
         target = data
         for part in path[:-1]:
             target = target.setdefault(part, {})

@@ -138,3 +138,78 @@ def pick_precision(precision: str, device: str) -> str:
     if device.startswith("cuda"):
         return "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+# --- models held in memory (the sentence-transformers drop-in) ------------------------------
+
+def weights_digest(model) -> str:
+    """A hash of a loaded model's parameters and buffers (names, dtypes, shapes, bytes): what it
+    computes, whatever files it came from or whether it was changed since loading."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _source_dir(model) -> Path | None:
+    """The local folder a loaded SentenceTransformer/CrossEncoder was read from, if any: the
+    transformer's `_name_or_path` or, for a sentence-transformers layout whose transformer sits in
+    a module subfolder, the parent holding modules.json."""
+    inner = getattr(model, "transformers_model", None)
+    name = getattr(getattr(inner, "config", None), "_name_or_path", None)
+    if not name or not Path(name).is_dir():
+        return None
+    path = Path(name).resolve()
+    if not (path / "modules.json").is_file() and (path.parent / "modules.json").is_file():
+        return path.parent
+    return path if (path / "modules.json").is_file() or (path / "config.json").is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def model_files(model, work_dir: Path) -> str:
+    """A folder the pipeline's workers can load `model` from, which identifies it in fingerprints
+    by its files (`model_fingerprint`): the folder it was loaded from when its weights are still
+    those files' (checked once per folder version, cached in the work dir), else a copy saved in
+    the work dir under a hash of its weights (a model built or changed in memory)."""
+    import json
+
+    digest = weights_digest(model)
+    source = _source_dir(model)
+    if source is not None:
+        index_file = work_dir / "models" / "sources.json"
+        known = _read_json(index_file)
+        key = f"{source}:{model_fingerprint(str(source)).get('content')}"
+        if key not in known:
+            reloaded = type(model)(str(source), device="cpu", trust_remote_code=bool(getattr(model, "trust_remote_code", False)))
+            known[key] = weights_digest(reloaded)
+            del reloaded
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp_file = index_file.with_name(f".{index_file.name}.tmp-{os.getpid()}")
+            tmp_file.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(tmp_file, index_file)  # atomic: a reader never sees half a file
+        if known[key] == digest:
+            return str(source)
+    target = work_dir / "models" / f"{type(model).__name__.lower()}-{digest}"
+    if not (target / "hardneg-weights.json").is_file():
+        import shutil
+        import tempfile
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        model.save(str(tmp))
+        (tmp / "hardneg-weights.json").write_text(json.dumps({"weights": digest}))
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy (no marker file) from a crash
+        tmp.rename(target)
+    return str(target)
