@@ -45,7 +45,7 @@ MINE_HELP = "Mine hard negatives into a Hugging Face dataset.\n\nEvery config ke
 @app.command("mine", help=MINE_HELP)
 def mine(
     beir: Optional[Path] = typer.Option(None, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)"),
-    pairs: Optional[Path] = typer.Option(None, help="pair file: JSONL, Parquet or datasets folder"),
+    pairs: Optional[Path] = typer.Option(None, help="pair file: JSONL, CSV, TSV (maybe .gz), Parquet or datasets folder"),
     corpus: Optional[Path] = typer.Option(None, help="corpus file for --pairs"),
     out: Optional[Path] = typer.Option(None, help="output folder"),
     config: Optional[Path] = typer.Option(None, help="YAML config file"),

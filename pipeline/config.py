@@ -35,9 +35,9 @@ class MineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- inputs ---
-    beir: Path | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
-    pairs: Path | None = Field(None, description="pair file: JSONL, Parquet or a datasets save_to_disk folder")
-    corpus: Path | None = Field(None, description="corpus for --pairs (JSONL/Parquet with id and text); default: the positives")
+    beir: Path | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (each may be .gz)")
+    pairs: Path | None = Field(None, description="pair file: JSONL, CSV or TSV (each may be .gz), Parquet, or a datasets save_to_disk folder")
+    corpus: Path | None = Field(None, description="corpus for --pairs (JSONL, CSV, TSV, maybe .gz, or Parquet, with id and text); default: the positives")
     split: str = Field("test", description="qrels split of a BEIR folder")
     positives: Literal["all", "best"] = Field("all", description="one pair per judged positive, or per query its best-graded one")
     hide_extra_positives: bool = Field(False, description="with positives=best: leave the other judged positives in the candidate pool (to measure false negatives)")
