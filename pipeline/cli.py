@@ -52,7 +52,7 @@ MINE_HELP = "Mine hard negatives into a Hugging Face dataset.\n\nEvery config ke
 @app.command("mine", help=MINE_HELP)
 def mine(
     beir: Optional[Path] = typer.Option(None, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)"),
-    pairs: Optional[Path] = typer.Option(None, help="pair file: JSONL, Parquet or datasets folder"),
+    pairs: Optional[Path] = typer.Option(None, help="pair file: JSONL, CSV, TSV (maybe .gz), Parquet or datasets folder"),
     corpus: Optional[Path] = typer.Option(None, help="corpus file for --pairs"),
     out: Optional[Path] = typer.Option(None, help="output folder"),
     config: Optional[Path] = typer.Option(None, help="YAML config file"),
@@ -173,13 +173,23 @@ def _interrupted(signum: int) -> None:
     sys.exit(128 + signum)
 
 
+def _run_app(previous_sigterm) -> int | None:
+    try:
+        return app(standalone_mode=False)
+    finally:
+        # main() may run inside another program (the tests call it in-process): give SIGTERM back.
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
 def main() -> None:
     """Entry point: every user error is one line on stderr and exit code 2, never a traceback;
     an interrupted run (SIGINT, SIGTERM) is one line and exit code 130 / 143."""
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        code = app(standalone_mode=False)
+        code = _run_app(previous)
     except SystemExit as exit_:
         # ray.init() replaces the SIGTERM handler with one that calls sys.exit(SIGTERM): nothing
         # else in hardneg exits with 15, so that exit is a SIGTERM too.

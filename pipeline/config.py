@@ -62,9 +62,9 @@ class MineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     # --- inputs ---
-    beir: Path | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
-    pairs: Path | None = Field(None, description="pair file: JSONL, Parquet or a datasets save_to_disk folder")
-    corpus: Path | None = Field(None, description="corpus for --pairs (JSONL/Parquet with id and text); default: the positives")
+    beir: Path | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (each may be .gz)")
+    pairs: Path | None = Field(None, description="pair file: JSONL, CSV or TSV (each may be .gz), Parquet, or a datasets save_to_disk folder")
+    corpus: Path | None = Field(None, description="corpus for --pairs (JSONL, CSV, TSV, maybe .gz, or Parquet, with id and text); default: the positives")
     split: str = Field("test", description="qrels split of a BEIR folder")
     positives: Literal["all", "best"] = Field("all", description="one pair per judged positive, or per query its best-graded one")
     hide_extra_positives: bool = Field(False, description="with positives=best: leave the other judged positives in the candidate pool (to measure false negatives)")
@@ -157,6 +157,12 @@ class MineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MineConfig":
+        if self.score == "cross_encoder" and not self.cross_encoder:
+            raise ValueError("score=cross_encoder needs a cross_encoder")
+        if self.range_min >= self.range_max:
+            raise ValueError("range_min must be below range_max")
+        if self.consistency_top_k is not None and self.consistency_top_k > self.range_max:
+            raise ValueError("consistency_top_k must be at most range_max (the dense search depth)")
         if self.index.index != "auto":
             check_factory_string(self.index.index)
         # Candidates per pair: range_max per miner, fused, then the top range_min skipped.
@@ -168,12 +174,6 @@ class MineConfig(BaseModel):
         for source in self.quotas or {}:
             if source not in self.miners:
                 raise ValueError(f"quotas.{source}: {source} is not among the miners ({','.join(self.miners)})")
-        if self.score == "cross_encoder" and not self.cross_encoder:
-            raise ValueError("score=cross_encoder needs a cross_encoder")
-        if self.range_min >= self.range_max:
-            raise ValueError("range_min must be below range_max")
-        if self.consistency_top_k is not None and self.consistency_top_k > self.range_max:
-            raise ValueError("consistency_top_k must be at most range_max (the dense search depth)")
         from hardneg.stages.filters import FilterSpecError, specs_from_config
 
         try:
@@ -300,5 +300,8 @@ def format_validation_error(err: ValidationError) -> str:
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown config key"
+    if first["type"] == "value_error":  # our own checks: their message names the keys already
+        message = message.removeprefix("Value error, ")
+        where = "" if where == "config" else where
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"config error: {where}: {message}{more}"
+    return f"config error: {where + ': ' if where else ''}{message}{more}"
