@@ -90,6 +90,8 @@ class MineConfig(BaseModel):
     score: Score = Field("dense", description="which score the filters above use")
     filters: list[dict] = Field(DEFAULT_FILTERS, description="filter chain after the keys above, in order: "
                                 "[{type: near_duplicate, threshold: 0.95}, {type: percentile, value: 95, score: dense}, ...]")
+    false_negatives: Literal["drop", "relabel"] = Field("drop", description="drop: every candidate a filter judges relevant is dropped; "
+        "relabel: those a pu filter judges relevant with high confidence (above its relabel level) become extra positives of their query")
     consistency_top_k: int | None = Field(None, gt=0, description="keep a pair only if its positive ranks in the top k of its query's dense ranking of the corpus")
     consistency_min_score: float | None = Field(None, description="keep a pair only if its positive's dense score is at least this")
 

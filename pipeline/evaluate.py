@@ -26,6 +26,7 @@ corpus matrix beyond one chunk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -50,6 +51,12 @@ class EvalError(ConfigError):
 
 
 # ---------------------------------------------------------------------------- inputs
+def query_half(query_id: str) -> int:
+    """A stable split of any query set in two: 0 when the first byte of sha256(id) is even, else
+    1 (benchmarks tune on half 0, "A", and confirm on half 1, "B")."""
+    return hashlib.sha256(str(query_id).encode("utf-8")).digest()[0] % 2
+
+
 def read_qrels(beir: Path, split: str) -> dict[str, dict[str, float]]:
     """query id -> {doc id: grade} for the relevant judgements (grade > 0) of a BEIR split."""
     path = Path(beir) / "qrels" / f"{split}.tsv"
