@@ -24,7 +24,7 @@ Figures are given on every query subset:
     python benchmarks/fn_curve.py --beir examples/cranfield --beir examples/cacm \\
         [--config a.yaml ...] [--queries FILE] [--min-relevant 10] [--work-dir ROOT] [--json F] [--png F]
 
-Without `--config`, the one configuration measured is hardneg's defaults. A YAML config is a
+hardneg's defaults are always measured, first; each `--config` adds one configuration. A YAML config is a
 mapping of hardneg config keys (as `hardneg mine --config`), named by its file stem; the keys the
 benchmark fixes (inputs, outputs, positives, num_negatives, runner) are overridden.
 """
@@ -94,20 +94,24 @@ def point(loaded_list: list, ids_list: list[set[str]]) -> dict[str, Any]:
 
     negatives = fn = judged = covered = 0
     ranks: list[int] = []
-    for loaded, ids in zip(loaded_list, ids_list):
+    extra: set[tuple[str, str, str]] = set()
+    for part, (loaded, ids) in enumerate(zip(loaded_list, ids_list)):
         for g in loaded.groups:
             if g["query_id"] not in ids:
                 continue
             relevant = loaded.qrels.get(g["query_id"], {})
+            extra.update((str(part), g["query_id"], d) for d in g.get("extra_positive_ids") or [])
             negatives += len(g["negative_ids"])
             fn += sum(d in relevant for d in g["negative_ids"])
             ranks += [loaded.rank_of[(g["query_id"], d)] for d in g["negative_ids"] if (g["query_id"], d) in loaded.rank_of]
         full = {g["query_id"] for g in loaded.groups if g["query_id"] in ids and len(g["negative_ids"]) >= loaded.k}
         judged += len(ids)
         covered += len(full)
+    relabelled = sum(d in loaded_list[int(p)].qrels.get(q, {}) for p, q, d in extra)
     return {"queries": judged, "negatives": negatives, "false_negatives": fn,
             "fn_rate": fn / negatives if negatives else None, **rank_figures(ranks),
-            "coverage": covered / judged if judged else None}
+            "coverage": covered / judged if judged else None,
+            "extra_positives": len(extra), "relabel_precision": relabelled / len(extra) if extra else None}
 
 
 def anchor_fn_at(curve: list[dict[str, Any]], mean_rank: float) -> tuple[float, bool]:
@@ -168,9 +172,10 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{num(p['median_rank']):>7}{num(p['p90_rank'], '.0f'):>6}{pct(p['coverage']):>7}")
         for name, p in data["configs"].items():
             mark = "" if p["inside_curve"] else " *"
+            relabel = f"  relabelled {p['extra_positives']}, precision {pct(p['relabel_precision'])}" if p["extra_positives"] else ""
             print(f"  {name[:34]:<34}{pct(p['fn_rate']):>8}{num(p['mean_rank']):>7}{num(p['median_rank']):>7}"
                   f"{num(p['p90_rank'], '.0f'):>6}{pct(p['coverage']):>7}{pct(p['anchor_fn_rate']):>12}"
-                  f"{num(p['ratio'], '.2f') + 'x':>7}{mark}")
+                  f"{num(p['ratio'], '.2f') + 'x':>7}{mark}{relabel}")
     print("\nratio: fn_rate / the anchor's fn_rate at the same mean rank (* = outside the anchor's curve: nearest end)")
 
 
@@ -205,16 +210,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
 def read_configs(paths: list[Path]) -> dict[str, dict[str, Any]]:
     import yaml
 
-    if not paths:
-        return {DEFAULTS: {}}
-    configs = {}
+    configs: dict[str, dict[str, Any]] = {DEFAULTS: {}}
     for path in paths:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):

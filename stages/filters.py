@@ -21,6 +21,7 @@ in its order. Types:
 | `agreement` | `top`, `margin`, `score` | that >= 2 miners rank within `top` and scoring above positive - margin |
 | `ce_threshold` | `value` | whose cross-encoder score is above value (RocketQA denoising) |
 | `ce_margin` | `value` | whose cross-encoder score is above the positive's - value |
+| `lexical_duplicate` | `value` (0-100) | whose BM25 score with the query's positive as the BM25 query (a lexical near-duplicate of the positive) is above the value-th percentile of its query's candidates |
 | `pu` | `budget`, `far`, `relabel` | whose relevance, as a model fitted on the run's own positives estimates it, is above the level `budget` sets (below) |
 
 "positive" is the query's lowest-scoring positive under the filter's score; |positive| keeps the
@@ -29,6 +30,11 @@ never dropped by it (it cannot be judged). `score` is `dense`, `bm25` or `cross_
 filters read `rank` (fused ranks) and `near_duplicate` reads `dense` (the bi-encoder's vectors).
 The cross-encoder filters read `cross_encoder`, so the rerank stage, which only scores what the
 other filters keep, leaves them for after it.
+
+`lexical_duplicate` is `near_duplicate`'s lexical, rank-normalised twin: the candidates' BM25
+scores against the text of each of the query's positives (the highest over its positives), read
+per query as a percentile, so it carries across collections, models and BM25 score scales with no
+threshold to re-tune. FilterStage computes them from the run's BM25 index (`PositiveLexicon`).
 
 `pu` (positive-unlabelled learning) adapts to the data at hand instead of fixing a cosine or a
 percentile: one logistic regression per run, fitted on the run's own candidates table (`PUModel`),
@@ -80,6 +86,7 @@ FILTER_TYPES: dict[str, tuple[dict[str, Any], str | None]] = {
     "agreement": ({"top": 10, "margin": 0.05}, None),
     "ce_threshold": ({"value": None}, "cross_encoder"),
     "ce_margin": ({"value": None}, "cross_encoder"),
+    "lexical_duplicate": ({"value": None}, "bm25"),
     "pu": ({"budget": 0.3, "far": 50, "relabel": 0.5}, "dense"),
 }
 RELABEL = "relabel:"  # decision prefix of a candidate a filter judged relevant with high confidence
@@ -129,8 +136,8 @@ def normalize_spec(spec: dict[str, Any], default_score: str = "dense", taken: se
         out["score"] = score
     if kind == "range_min" and out["value"] < 0 or kind == "range_max" and out["value"] <= 0:
         raise FilterSpecError(f"filter {kind}: value out of range")
-    if kind == "percentile" and not 0 <= out["value"] <= 100:
-        raise FilterSpecError("filter percentile: value must be within 0..100")
+    if kind in ("percentile", "lexical_duplicate") and not 0 <= out["value"] <= 100:
+        raise FilterSpecError(f"filter {kind}: value must be within 0..100")
     if kind == "pu" and not (0 <= out["budget"] <= 1 and 0 <= out["relabel"] <= 1 and out["far"] >= 1):
         raise FilterSpecError("filter pu: budget and relabel must be within 0..1, far at least 1")
     if kind == "agreement" and out["top"] <= 0:
@@ -216,6 +223,15 @@ def _threshold(view: QueryView, spec: dict[str, Any]) -> float:
     return p - spec["value"] * abs(p)
 
 
+def _above_percentile(s: np.ndarray, value: float) -> np.ndarray:
+    """Which scores are above the value-th percentile of the query's known scores."""
+    known = ~np.isnan(s)
+    if not known.any():
+        return np.zeros(len(s), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return s > np.percentile(s[known], value)
+
+
 def drops(view: QueryView, spec: dict[str, Any]) -> np.ndarray:
     """Boolean mask of the candidates this filter drops. A candidate without the score a filter
     reads is never dropped by it (it cannot be judged)."""
@@ -235,10 +251,7 @@ def drops(view: QueryView, spec: dict[str, Any]) -> np.ndarray:
         if kind in ("absolute_margin", "relative_margin", "ce_margin"):
             return s > _threshold(view, spec)
         if kind == "percentile":
-            known = ~np.isnan(s)
-            if not known.any():
-                return np.zeros(len(s), dtype=bool)
-            return s > np.percentile(s[known], spec["value"])
+            return _above_percentile(s, spec["value"])
         if kind == "agreement":
             votes = sum((r <= spec["top"]).astype(int) for r in view.source_ranks.values())
             return (votes >= 2) & (s > _threshold(view, spec))
@@ -346,6 +359,34 @@ class PUModel:
         return self.model.predict_proba(candidates)[:, 1]
 
 
+LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, computed by FilterStage (not stored)
+
+
+class PositiveLexicon:
+    """BM25 scores of a query's candidates with each of its positives' texts as the BM25 query
+    (the highest over its positives): the run's BM25 index, and the texts of the positives only,
+    read in one scan of the corpus."""
+
+    def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids: set[str]) -> None:
+        from hardneg.stages.bm25_miner import BM25Index
+        from hardneg.stages.io import iter_batches
+
+        self.index = BM25Index.load(Path(bm25_dir), bm25_config)
+        self.texts: dict[str, str] = {}
+        for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"]):
+            for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()):
+                if doc_id in positive_ids:
+                    self.texts[doc_id] = text
+
+    def scores(self, row: dict[str, Any]) -> list[float]:
+        candidates = list(row["candidate_ids"])
+        best = np.full(len(candidates), -np.inf)
+        for positive in row["positive_ids"]:
+            if positive in self.texts and candidates:
+                best = np.maximum(best, np.asarray(self.index.score(self.texts[positive], candidates), dtype=np.float64))
+        return [None if np.isinf(v) else float(v) for v in best]
+
+
 def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None,
            models: dict[str, PUModel] | None = None, relabel: bool = False) -> list[str]:
     """The decision for each candidate: "kept" or the name of the first filter that drops it.
@@ -361,6 +402,11 @@ def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str 
         undecided = decisions == KEPT
         if not undecided.any():
             break
+        if spec["type"] == "lexical_duplicate":
+            if row.get(LEXICAL_COLUMN) is None:
+                continue  # no positive texts to compare with (the rerank stage's pre-pass)
+            decisions[undecided & _above_percentile(_floats(row[LEXICAL_COLUMN], len(decisions)), spec["value"])] = spec["name"]
+            continue
         if spec["type"] == "pu":
             model = (models or {}).get(spec["name"])
             if model is None or model.model is None:
@@ -379,8 +425,12 @@ class FilterStage(MapStage):
     version = "3"
 
     def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024, *, seed: int = 12,
-                 fit_input: Path | None = None, false_negatives: str = "drop") -> None:
+                 fit_input: Path | None = None, false_negatives: str = "drop", bm25_dir: Path | None = None,
+                 bm25_config=None, corpus_dir: Path | None = None) -> None:
         super().__init__()
+        self.bm25_dir = str(bm25_dir) if bm25_dir else None
+        self.bm25_config = bm25_config
+        self.corpus_dir = str(corpus_dir) if corpus_dir else None
         self.specs = specs
         self.seed = seed
         self.fit_input = str(fit_input) if fit_input else None
@@ -396,6 +446,17 @@ class FilterStage(MapStage):
 
     def setup(self) -> None:
         self._models = self.fit()
+        self._lexicon = None
+        if any(spec["type"] == "lexical_duplicate" for spec in self.specs):
+            if self.bm25_dir is None or self.corpus_dir is None or self.fit_input is None:
+                raise ValueError("a lexical_duplicate filter needs the BM25 index, the corpus and its input")
+            from hardneg.stages.io import iter_batches
+
+            positives: set[str] = set()
+            for batch in iter_batches(Path(self.fit_input), 4096, columns=["positive_ids"]):
+                for ids in batch.column("positive_ids").to_pylist():
+                    positives.update(ids)
+            self._lexicon = PositiveLexicon(Path(self.bm25_dir), self.bm25_config, Path(self.corpus_dir), positives)
 
     def fit(self) -> dict[str, PUModel]:
         """The `pu` filters' models, fitted on the whole input (every batch is then decided by the
@@ -423,7 +484,11 @@ class FilterStage(MapStage):
     def transform(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
         relabel = self.false_negatives == "relabel"
-        decisions = [decide(row, self.specs, models=self._models, relabel=relabel) for row in batch.to_pylist()]
+        rows = batch.to_pylist()
+        if self._lexicon is not None:
+            for row in rows:
+                row[LEXICAL_COLUMN] = self._lexicon.scores(row)
+        decisions = [decide(row, self.specs, models=self._models, relabel=relabel) for row in rows]
         if "ce_scores" not in batch.column_names:
             n = batch.num_rows
             batch = batch.append_column("positive_ce_scores", pa.nulls(n, pa.list_(pa.float32())))
