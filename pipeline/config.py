@@ -18,14 +18,15 @@ from hardneg.stages.models import DEFAULT_MODEL
 Format = Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"]
 Score = Literal["dense", "bm25", "cross_encoder"]
 
-# The default false-negative filters (README, "False negatives: filters, eval and recipes"): after
-# skipping each query's 2 top-ranked candidates (range_min), drop every candidate whose cosine to
-# one of the query's positives is above 0.65, and the 35% of candidates that BM25 scores highest
-# for the query (a second, lexical retriever that also finds them relevant); `top` then takes the
-# best-ranked survivors. Checked on Cranfield's odd and even query ids separately.
-DEFAULT_RANGE_MIN = 2
+# The default false-negative filters (README, "The defaults"), chosen on half A of Cranfield's and
+# CACM's queries and confirmed on half B (benchmarks/fn_curve.py, benchmarks/RESULTS.md): drop the
+# candidates lexically closest to the query's positive (the 45% with the highest BM25 score against
+# the positive's text: lexical near-duplicates) and the 35% that BM25 scores highest for the query
+# (a second, lexical retriever that also finds them relevant); `top` then takes the best-ranked
+# survivors. Both are per-query percentiles: no model- or collection-specific threshold.
+DEFAULT_RANGE_MIN = 0
 DEFAULT_FILTERS: list[dict] = [
-    {"type": "near_duplicate", "threshold": 0.65},
+    {"type": "lexical_duplicate", "value": 55},
     {"type": "percentile", "value": 65, "score": "bm25"},
 ]
 DEFAULT_SAMPLING = "top"
@@ -114,6 +115,8 @@ class MineConfig(BaseModel):
     score: Score = Field("dense", description="which score the filters above use")
     filters: list[dict] = Field(DEFAULT_FILTERS, description="filter chain after the keys above, in order: "
                                 "[{type: near_duplicate, threshold: 0.95}, {type: percentile, value: 95, score: dense}, ...]")
+    false_negatives: Literal["drop", "relabel"] = Field("drop", description="drop: every candidate a filter judges relevant is dropped; "
+        "relabel: those a pu filter judges relevant with high confidence (above its relabel level) become extra positives of their query")
     consistency_top_k: int | None = Field(None, gt=0, description="keep a pair only if its positive ranks in the top k of its query's dense ranking of the corpus")
     consistency_min_score: float | None = Field(None, description="keep a pair only if its positive's dense score is at least this")
 

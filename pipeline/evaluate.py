@@ -5,9 +5,11 @@ and how many judged queries got a full set, against a BEIR folder's relevance ju
   matched by id. With one row of K negatives per query it equals the mean P@K of a run made of
   the negatives against the qrels (the tests check it with ir_measures). Measure it on a dataset
   mined with `--hide-extra-positives`: otherwise every judged document is masked and it is 0.
-* `median_rank`, `mean_rank`: the rank of each emitted negative in its query's dense ranking of
-  the *whole* corpus under a reference model (default all-MiniLM-L6-v2): 1 + the number of
-  documents (positives included) scoring higher. Lower is harder.
+* `median_rank`, `mean_rank`, `p75_rank`, `p90_rank`: the rank of each emitted negative in its
+  query's dense ranking of the *whole* corpus under a reference model (default all-MiniLM-L6-v2):
+  1 + the number of documents (positives included) scoring higher. Lower is harder. The median
+  alone hides a tail of deep, easy negatives; the mean and the upper percentiles show it, and
+  comparisons between settings are made at equal *mean* rank (benchmarks/fn_curve.py).
 * `coverage`: the share of judged queries (>= 1 positive judgement in the split) that got the full
   K negatives in at least one row.
 
@@ -25,8 +27,10 @@ corpus matrix beyond one chunk.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,10 +43,17 @@ log = logging.getLogger("hardneg")
 
 CORPUS_CHUNK = 16_384  # corpus rows per block of the rank scan
 QUERY_BLOCK = 256  # queries per block of the rank scan
+RANK_KEYS = ("median_rank", "mean_rank", "p75_rank", "p90_rank")
 TIE = 1e-6  # a document scoring within this of a negative does not count as higher (float32 rounding)
 
 
 # ---------------------------------------------------------------------------- inputs
+def query_half(query_id: str) -> int:
+    """A stable split of any query set in two: 0 when the first byte of sha256(id) is even, else
+    1 (benchmarks tune on half 0, "A", and confirm on half 1, "B")."""
+    return hashlib.sha256(str(query_id).encode("utf-8")).digest()[0] % 2
+
+
 def read_qrels(beir: Path, split: str) -> dict[str, dict[str, float]]:
     """query id -> {doc id: grade} for the relevant judgements (grade > 0) of a BEIR split."""
     from hardneg.stages.ingest import beir_file
@@ -86,8 +97,10 @@ def _read_table(dataset: Path) -> pa.Table:
 
 
 def read_groups(dataset: Path) -> list[dict[str, Any]]:
-    """The dataset's pairs as {query_id, negative_ids, negative_sources}, whatever its format
-    (n-tuple, triplet, labeled-pair, labeled-list), from its id metadata columns."""
+    """The dataset's pairs as {query_id, negative_ids, negative_sources, extra_positive_ids},
+    whatever its format (n-tuple, triplet, labeled-pair, labeled-list), from its id metadata
+    columns. Extra positives are the candidates `false_negatives: relabel` turned into positives
+    (in labeled-pair: every label-1 row of a pair after its first, the pair's own positive)."""
     table = _read_table(dataset)
     names = set(table.column_names)
     if "query_id" not in names:
@@ -95,25 +108,36 @@ def read_groups(dataset: Path) -> list[dict[str, Any]]:
     rows = table.to_pylist()
     if "negative_ids" in names:  # n-tuple, labeled-list: one row per pair
         return [{"query_id": r["query_id"], "negative_ids": list(r["negative_ids"] or []),
-                 "negative_sources": list(r.get("negative_sources") or [[] for _ in r["negative_ids"] or []])}
+                 "negative_sources": list(r.get("negative_sources") or [[] for _ in r["negative_ids"] or []]),
+                 "extra_positive_ids": list(r.get("extra_positive_ids") or [])}
                 for r in rows]
     groups: dict[Any, dict[str, Any]] = {}
+
+    def group_of(r: dict[str, Any], key: Any) -> dict[str, Any]:
+        return groups.setdefault(key, {"query_id": r["query_id"], "negative_ids": [], "negative_sources": [],
+                                       "extra_positive_ids": [], "positives_seen": 0})
+
     if "negative_id" in names:  # triplet: K rows per pair
         for r in rows:
-            key = r.get("pair_id") or (r["query_id"], r.get("positive_id"))
-            group = groups.setdefault(key, {"query_id": r["query_id"], "negative_ids": [], "negative_sources": []})
+            group = group_of(r, r.get("pair_id") or (r["query_id"], r.get("positive_id")))
             group["negative_ids"].append(r["negative_id"])
             group["negative_sources"].append(list(r.get("negative_source") or []))
-        return list(groups.values())
-    if "passage_id" in names and "label" in names:  # labeled-pair: the positive, then its negatives
+            group["extra_positive_ids"] = list(r.get("extra_positive_ids") or group["extra_positive_ids"])
+    elif "passage_id" in names and "label" in names:  # labeled-pair: the positive, extras, negatives
         for r in rows:
-            key = r.get("pair_id") or r["query_id"]
-            group = groups.setdefault(key, {"query_id": r["query_id"], "negative_ids": [], "negative_sources": []})
+            group = group_of(r, r.get("pair_id") or r["query_id"])
             if not r["label"]:
                 group["negative_ids"].append(r["passage_id"])
                 group["negative_sources"].append(list(r.get("sources") or []))
-        return list(groups.values())
-    raise EvalError(f"dataset {dataset} has no negative id columns: mine it with metadata_columns: true")
+            else:
+                group["positives_seen"] += 1
+                if group["positives_seen"] > 1:
+                    group["extra_positive_ids"].append(r["passage_id"])
+    else:
+        raise EvalError(f"dataset {dataset} has no negative id columns: mine it with metadata_columns: true")
+    for group in groups.values():
+        del group["positives_seen"]
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------- ranks
@@ -189,9 +213,16 @@ def _summary(negatives: list[tuple[str, str]], qrels: dict[str, dict[str, float]
         "negatives": len(negatives),
         "false_negatives": fn,
         "fn_rate": fn / len(negatives) if negatives else None,
-        "median_rank": float(np.median(ranked)) if ranked else None,
-        "mean_rank": float(np.mean(ranked)) if ranked else None,
+        **rank_figures(ranked),
     }
+
+
+def rank_figures(ranked: list[int]) -> dict[str, float | None]:
+    """Median, mean, 75th and 90th percentile (numpy's linear interpolation) of negatives' ranks."""
+    if not ranked:
+        return {"median_rank": None, "mean_rank": None, "p75_rank": None, "p90_rank": None}
+    p50, p75, p90 = np.percentile(np.asarray(ranked, dtype=np.float64), [50, 75, 90])
+    return {"median_rank": float(p50), "mean_rank": float(np.mean(ranked)), "p75_rank": float(p75), "p90_rank": float(p90)}
 
 
 def filter_breakdown(filter_dir: Path, qrels: dict[str, dict[str, float]], query_ids: set[str] | None = None) -> dict[str, dict[str, int]]:
@@ -232,18 +263,24 @@ def _default_work_dir(dataset: Path, stats: dict[str, Any]) -> Path:
     return default_work_dir(Path(dataset))
 
 
-def evaluate(
-    beir: Path,
-    dataset: Path,
-    *,
-    split: str | None = None,
-    model: str | None = None,
-    work_dir: Path | None = None,
-    query_ids: Iterable[str] | None = None,
-    ranks: bool = True,
-) -> dict[str, Any]:
-    """The eval figures of a mined dataset as a dict (what `hardneg eval --json` writes).
-    `query_ids` restricts every figure to those queries (e.g. one half of a query set)."""
+@dataclass
+class Loaded:
+    """A mined dataset read against its qrels, with every negative's reference rank: what the
+    figures are computed from (`figures` restricts them to any set of queries)."""
+
+    beir: Path
+    dataset: Path
+    split: str
+    qrels: dict[str, dict[str, float]]
+    groups: list[dict[str, Any]]
+    k: int
+    rank_of: dict[tuple[str, str], int] | None
+    reference: str | None
+    filter_dir: Path | None
+
+
+def load(beir: Path, dataset: Path, *, split: str | None = None, model: str | None = None,
+         work_dir: Path | None = None, query_ids: Iterable[str] | None = None, ranks: bool = True) -> Loaded:
     beir, dataset = Path(beir), Path(dataset)
     if not dataset.exists():
         raise EvalError(f"dataset not found: {dataset}")
@@ -255,9 +292,6 @@ def evaluate(
     groups = [g for g in read_groups(dataset) if keep is None or g["query_id"] in keep]
     _check_judged(groups, qrels, dataset, beir, split)
     k = int(mined.get("num_negatives") or max((len(g["negative_ids"]) for g in groups), default=0))
-    judged = {q for q, docs in qrels.items() if docs and (keep is None or q in keep)}
-    covered = {g["query_id"] for g in groups if len(g["negative_ids"]) >= k and g["query_id"] in judged}
-
     negatives = [(g["query_id"], d) for g in groups for d in g["negative_ids"]]
     rank_of = None
     reference = None
@@ -271,12 +305,24 @@ def evaluate(
         for q, d in negatives:
             wanted.setdefault(q, set()).add(d)
         rank_of = _ranks(index_dir, queries_dir, wanted)
+    filter_path = ((stats.get("stages") or {}).get("filter") or {}).get("path")
+    filter_dir = Path(filter_path) if filter_path and Path(filter_path).is_dir() else None
+    return Loaded(beir, dataset, split, qrels, groups, k, rank_of, reference, filter_dir)
 
+
+def figures(loaded: Loaded, query_ids: Iterable[str] | None = None, *, per_filter: bool = True) -> dict[str, Any]:
+    """The eval figures of a loaded dataset, restricted to `query_ids` when given."""
+    keep = set(query_ids) if query_ids is not None else None
+    qrels, k, rank_of = loaded.qrels, loaded.k, loaded.rank_of
+    groups = [g for g in loaded.groups if keep is None or g["query_id"] in keep]
+    judged = {q for q, docs in qrels.items() if docs and (keep is None or q in keep)}
+    covered = {g["query_id"] for g in groups if len(g["negative_ids"]) >= k and g["query_id"] in judged}
+    negatives = [(g["query_id"], d) for g in groups for d in g["negative_ids"]]
     result: dict[str, Any] = {
-        "dataset": str(dataset),
-        "beir": str(beir),
-        "split": split,
-        "model": reference,
+        "dataset": str(loaded.dataset),
+        "beir": str(loaded.beir),
+        "split": loaded.split,
+        "model": loaded.reference,
         "num_negatives": k,
         "rows": len(groups),
         **_summary(negatives, qrels, rank_of),
@@ -290,11 +336,36 @@ def evaluate(
             for source in sources or ["unknown"]:
                 per_source.setdefault(source, []).append((g["query_id"], d))
     result["per_source"] = {s: _summary(v, qrels, rank_of) for s, v in sorted(per_source.items())}
-    filter_path = ((stats.get("stages") or {}).get("filter") or {}).get("path")
+    result["relabelled"] = _relabelled(groups, qrels)
     result["per_filter"] = (
-        filter_breakdown(Path(filter_path), qrels, keep) if filter_path and Path(filter_path).is_dir() else None
+        filter_breakdown(loaded.filter_dir, qrels, keep) if per_filter and loaded.filter_dir is not None else None
     )
     return result
+
+
+def _relabelled(groups: list[dict[str, Any]], qrels: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Extra positives (`false_negatives: relabel`): how many, and the share judged relevant (their
+    precision). Counted once per (query, document), however many pairs of the query carry it."""
+    extra = {(g["query_id"], d) for g in groups for d in g.get("extra_positive_ids") or []}
+    relevant = sum(1 for q, d in extra if d in qrels.get(q, {}))
+    return {"extra_positives": len(extra), "judged_relevant": relevant,
+            "precision": relevant / len(extra) if extra else None}
+
+
+def evaluate(
+    beir: Path,
+    dataset: Path,
+    *,
+    split: str | None = None,
+    model: str | None = None,
+    work_dir: Path | None = None,
+    query_ids: Iterable[str] | None = None,
+    ranks: bool = True,
+) -> dict[str, Any]:
+    """The eval figures of a mined dataset as a dict (what `hardneg eval --json` writes).
+    `query_ids` restricts every figure to those queries (e.g. one half of a query set)."""
+    loaded = load(beir, dataset, split=split, model=model, work_dir=work_dir, query_ids=query_ids, ranks=ranks)
+    return figures(loaded, query_ids)
 
 
 # ---------------------------------------------------------------------------- printing
@@ -316,20 +387,24 @@ def print_report(result: dict[str, Any], console=None) -> None:
     console.print(f"[bold]hardneg eval[/bold] {result['dataset']} against {result['beir']} ({result['split']}), "
                   f"ranks under {result['model'] or '-'}")
     main = Table(title="False negatives, hardness, coverage", title_justify="left")
-    for column in ("negatives", "false neg.", "fn_rate", "median rank", "mean rank", "covered", "coverage"):
+    for column in ("negatives", "false neg.", "fn_rate", "median rank", "mean rank", "p75", "p90", "covered", "coverage"):
         main.add_column(column, justify="right")
     main.add_row(_fmt(result["negatives"]), _fmt(result["false_negatives"]), _fmt(result["fn_rate"], "pct"),
-                 _fmt(result["median_rank"]), _fmt(result["mean_rank"]),
+                 *(_fmt(result[k]) for k in RANK_KEYS),
                  f"{result['covered_queries']}/{result['judged_queries']}", _fmt(result["coverage"], "pct"))
     console.print(main)
     sources = Table(title="Per source", title_justify="left")
     sources.add_column("source")
-    for column in ("negatives", "false neg.", "fn_rate", "median rank", "mean rank"):
+    for column in ("negatives", "false neg.", "fn_rate", "median rank", "mean rank", "p75", "p90"):
         sources.add_column(column, justify="right")
     for source, figures in result["per_source"].items():
         sources.add_row(source, _fmt(figures["negatives"]), _fmt(figures["false_negatives"]),
-                        _fmt(figures["fn_rate"], "pct"), _fmt(figures["median_rank"]), _fmt(figures["mean_rank"]))
+                        _fmt(figures["fn_rate"], "pct"), *(_fmt(figures[k]) for k in RANK_KEYS))
     console.print(sources)
+    relabelled = result.get("relabelled") or {}
+    if relabelled.get("extra_positives"):
+        console.print(f"relabelled as extra positives: {relabelled['extra_positives']}, judged relevant "
+                      f"{relabelled['judged_relevant']} (precision {_fmt(relabelled['precision'], 'pct')})")
     if result.get("per_filter"):
         filters = Table(title="Per filter decision (candidates of the filter stage)", title_justify="left")
         filters.add_column("decision")

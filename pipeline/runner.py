@@ -316,15 +316,18 @@ class Pipeline:
             )
         # Filtering and sampling are cheap per query: they run in-process, so re-tuning a
         # threshold never starts Ray or a model worker.
-        filtered = self._run(FilterStage(specs), [scored], {}, map_input=scored.path, in_process=True)
+        filtered = self._run(FilterStage(specs, seed=c.seed, fit_input=scored.path, false_negatives=c.false_negatives,
+                                         bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25, corpus_dir=ingest_dir / "corpus"),
+                             [scored] + ([bm25] if bm25 else []), {}, map_input=scored.path, in_process=True)
         sampled = self._run(
             SampleStage(num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,
                         temperature=c.temperature, mmr_lambda=c.mmr_lambda, index_dir=index.path,
                         consistency_top_k=c.consistency_top_k, consistency_min_score=c.consistency_min_score,
-                        quotas=c.quotas),
+                        quotas=c.quotas, relabel=c.false_negatives == "relabel"),
             [filtered], {}, map_input=filtered.path, in_process=True,
         )
-        write = WriteStage(format=c.format, num_negatives=c.num_negatives, metadata_columns=c.metadata_columns, layout=c.layout)
+        write = WriteStage(format=c.format, num_negatives=c.num_negatives, metadata_columns=c.metadata_columns, layout=c.layout,
+                           relabel=c.false_negatives == "relabel")
         stats = self._write_output(write, [ingest, filtered, sampled], {
             "mined": sampled.path, "filtered": filtered.path, "corpus": ingest_dir / "corpus",
             "rejects": ingest_dir / "rejects", "pairs": ingest_dir / "pairs",

@@ -107,6 +107,10 @@ MINED = pa.schema(
         ("positive_dense_score", pa.float32()),
         ("positive_rank", pa.int32()),
         ("inconsistent", pa.bool_()),
+        # false_negatives: relabel: the candidates a filter judged relevant with high confidence,
+        # made extra positives of the pair (never negatives); empty otherwise. Texts joined by the writer.
+        ("extra_positive_ids", _ids),
+        ("extra_positives", _ids),
     ]
 )
 

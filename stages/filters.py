@@ -21,6 +21,8 @@ in its order. Types:
 | `agreement` | `top`, `margin`, `score` | that >= 2 miners rank within `top` and scoring above positive - margin |
 | `ce_threshold` | `value` | whose cross-encoder score is above value (RocketQA denoising) |
 | `ce_margin` | `value` | whose cross-encoder score is above the positive's - value |
+| `lexical_duplicate` | `value` (0-100) | whose BM25 score with the query's positive as the BM25 query (a lexical near-duplicate of the positive) is above the value-th percentile of its query's candidates |
+| `pu` | `budget`, `far`, `relabel` | whose relevance, as a model fitted on the run's own positives estimates it, is above the level `budget` sets (below) |
 
 "positive" is the query's lowest-scoring positive under the filter's score; |positive| keeps the
 relative margin correct when scores are negative. A candidate without the score a filter reads is
@@ -28,17 +30,41 @@ never dropped by it (it cannot be judged). `score` is `dense`, `bm25` or `cross_
 filters read `rank` (fused ranks) and `near_duplicate` reads `dense` (the bi-encoder's vectors).
 The cross-encoder filters read `cross_encoder`, so the rerank stage, which only scores what the
 other filters keep, leaves them for after it.
+
+`lexical_duplicate` is `near_duplicate`'s lexical, rank-normalised twin: the candidates' BM25
+scores against the text of each of the query's positives (the highest over its positives), read
+per query as a percentile, so it carries across collections, models and BM25 score scales with no
+threshold to re-tune. FilterStage computes them from the run's BM25 index (`PositiveLexicon`).
+
+`pu` (positive-unlabelled learning) adapts to the data at hand instead of fixing a cosine or a
+percentile: one logistic regression per run, fitted on the run's own candidates table (`PUModel`),
+with the queries' known positives as the relevant class and a seeded sample of each query's far
+candidates (fused rank > `far`: mostly irrelevant, the "unlabelled" class) as the other. Its
+features are the ones every candidate already has, normalised per query so one model serves all
+queries: the dense score and the BM25 score as z-scores among the query's candidates, the log of
+the dense rank and the BM25 score's rank share (a positive gets the rank it would have among its
+query's candidates). The threshold is a false-negative budget: a candidate is dropped when its
+estimated probability is above the `budget`-quantile of the known positives' probabilities, i.e.
+the filter would catch a share 1 - budget of documents that look like the known positives. With
+`false_negatives: relabel`, the candidates above the `relabel`-quantile (looking more relevant
+than that share of the known positives) are recorded as `relabel:<name>` and become extra
+positives. The model sees the whole input before any batch is decided (FilterStage.fit), so its
+decisions do not depend on batching; every sample is seeded by (seed, query id).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from hardneg.stages.base import MapStage, Resources
+
+log = logging.getLogger("hardneg")
 
 KEPT = "kept"
 SCORE_COLUMNS = {"dense": "dense_scores", "bm25": "bm25_scores", "cross_encoder": "ce_scores"}
@@ -60,7 +86,10 @@ FILTER_TYPES: dict[str, tuple[dict[str, Any], str | None]] = {
     "agreement": ({"top": 10, "margin": 0.05}, None),
     "ce_threshold": ({"value": None}, "cross_encoder"),
     "ce_margin": ({"value": None}, "cross_encoder"),
+    "lexical_duplicate": ({"value": None}, "bm25"),
+    "pu": ({"budget": 0.3, "far": 50, "relabel": 0.5}, "dense"),
 }
+RELABEL = "relabel:"  # decision prefix of a candidate a filter judged relevant with high confidence
 ST_KEYS = ("range_min", "max_score", "min_score", "absolute_margin", "relative_margin")
 
 
@@ -95,7 +124,7 @@ def normalize_spec(spec: dict[str, Any], default_score: str = "dense", taken: se
         value = spec.get(param, default)
         if value is None:
             raise FilterSpecError(f"filter {kind}: missing {param}")
-        out[param] = _number(value, f"filter {kind}.{param}", integer=param == "top" or kind.startswith("range_"))
+        out[param] = _number(value, f"filter {kind}.{param}", integer=param in ("top", "far") or kind.startswith("range_"))
     if fixed_score is not None:
         if spec.get("score") not in (None, fixed_score):
             raise FilterSpecError(f"filter {kind} reads the {fixed_score} score, not {spec['score']!r}")
@@ -107,12 +136,14 @@ def normalize_spec(spec: dict[str, Any], default_score: str = "dense", taken: se
         out["score"] = score
     if kind == "range_min" and out["value"] < 0 or kind == "range_max" and out["value"] <= 0:
         raise FilterSpecError(f"filter {kind}: value out of range")
-    if kind == "percentile" and not 0 <= out["value"] <= 100:
-        raise FilterSpecError("filter percentile: value must be within 0..100")
+    if kind in ("percentile", "lexical_duplicate") and not 0 <= out["value"] <= 100:
+        raise FilterSpecError(f"filter {kind}: value must be within 0..100")
+    if kind == "pu" and not (0 <= out["budget"] <= 1 and 0 <= out["relabel"] <= 1 and out["far"] >= 1):
+        raise FilterSpecError("filter pu: budget and relabel must be within 0..1, far at least 1")
     if kind == "agreement" and out["top"] <= 0:
         raise FilterSpecError("filter agreement: top must be positive")
     name = spec.get("name") or kind
-    if not isinstance(name, str) or name == KEPT:
+    if not isinstance(name, str) or name == KEPT or name.startswith(RELABEL):
         raise FilterSpecError(f"filter {kind}: invalid name {name!r}")
     if taken is not None:
         base, n = name, 2
@@ -192,6 +223,15 @@ def _threshold(view: QueryView, spec: dict[str, Any]) -> float:
     return p - spec["value"] * abs(p)
 
 
+def _above_percentile(s: np.ndarray, value: float) -> np.ndarray:
+    """Which scores are above the value-th percentile of the query's known scores."""
+    known = ~np.isnan(s)
+    if not known.any():
+        return np.zeros(len(s), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return s > np.percentile(s[known], value)
+
+
 def drops(view: QueryView, spec: dict[str, Any]) -> np.ndarray:
     """Boolean mask of the candidates this filter drops. A candidate without the score a filter
     reads is never dropped by it (it cannot be judged)."""
@@ -211,19 +251,149 @@ def drops(view: QueryView, spec: dict[str, Any]) -> np.ndarray:
         if kind in ("absolute_margin", "relative_margin", "ce_margin"):
             return s > _threshold(view, spec)
         if kind == "percentile":
-            known = ~np.isnan(s)
-            if not known.any():
-                return np.zeros(len(s), dtype=bool)
-            return s > np.percentile(s[known], spec["value"])
+            return _above_percentile(s, spec["value"])
         if kind == "agreement":
             votes = sum((r <= spec["top"]).astype(int) for r in view.source_ranks.values())
             return (votes >= 2) & (s > _threshold(view, spec))
     raise ValueError(f"unknown filter {kind!r}")
 
 
-def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None) -> list[str]:
+# ---------------------------------------------------------------------------- pu: a learned filter
+PU_FEATURES = ("dense_z", "log_dense_rank", "bm25_z", "bm25_rank_share")
+PU_FAR_SAMPLE = 10  # far candidates per query in the unlabelled class
+PU_MAX_QUERIES = 50_000  # queries the model is fitted on (a seeded choice beyond that)
+
+
+def _zscores(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    known = reference[~np.isnan(reference)]
+    if not len(known):
+        return np.zeros(len(values))
+    return np.nan_to_num((values - known.mean()) / max(float(known.std()), 1e-6))
+
+
+def pu_features(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates x features, positives x features) of one query, in PU_FEATURES order. Each
+    feature is what the document would have among its query's candidates, so a known positive and
+    a candidate are described alike: scores as z-scores against the query's candidates, the dense
+    rank in the corpus (a candidate's rank among the candidates plus the positives above it), and
+    the share of candidates BM25 scores higher. Without BM25 scores, their features are 0."""
+    view = QueryView.from_row(row)
+    s, b = view.scores["dense"], view.scores["bm25"]
+    pos_s = _floats(row.get("positive_dense_scores"), len(row.get("positive_ids") or []))
+    pos_b = _floats(row.get("positive_bm25_scores"), len(pos_s))
+    dense_ranks = view.source_ranks["dense"]
+    cand_rank = np.where(np.isnan(dense_ranks), view.ranks, dense_ranks) + (pos_s[None, :] > s[:, None]).sum(axis=1)
+    pos_rank = _floats(row.get("positive_ranks"), len(pos_s))
+    pos_rank = np.where(np.isnan(pos_rank), 1.0, pos_rank)
+    known_b = b[~np.isnan(b)]
+
+    def share(values: np.ndarray) -> np.ndarray:
+        if not len(known_b):
+            return np.zeros(len(values))
+        return np.array([np.count_nonzero(known_b > v) / len(known_b) if not np.isnan(v) else 1.0 for v in values])
+
+    def block(scores: np.ndarray, ranks: np.ndarray, bm25: np.ndarray) -> np.ndarray:
+        return np.column_stack([_zscores(scores, s), np.log(np.maximum(ranks, 1.0)), _zscores(bm25, b) if len(known_b)
+                                else np.zeros(len(scores)), share(bm25)])
+
+    return block(s, cand_rank, b), block(pos_s, pos_rank, pos_b)
+
+
+def _query_rng(seed: int, query_id: str) -> np.random.Generator:
+    import hashlib
+
+    digest = int.from_bytes(hashlib.sha256(f"pu:{query_id}".encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+class PUModel:
+    """The `pu` filter's model for one run: logistic regression (scikit-learn, on standardised
+    features) of known positives against a seeded sample of far candidates, and the two
+    probability levels its budget and relabel quantiles give on the known positives."""
+
+    def __init__(self, spec: dict[str, Any], seed: int) -> None:
+        self.spec, self.seed = spec, seed
+        self.relevant: list[np.ndarray] = []
+        self.unlabelled: list[np.ndarray] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Add one query's training examples: its positives, and up to PU_FAR_SAMPLE of its
+        candidates ranked beyond `far`, drawn with a generator seeded by (seed, query id)."""
+        candidates, positives = pu_features(row)
+        self.relevant.append(positives)
+        far = np.flatnonzero(np.asarray(row["fused_ranks"]) > self.spec["far"])
+        if len(far):
+            rng = _query_rng(self.seed, row["query_id"])
+            self.unlabelled.append(candidates[np.sort(rng.choice(far, size=min(PU_FAR_SAMPLE, len(far)), replace=False))])
+
+    def fit(self) -> "PUModel":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        relevant = np.concatenate(self.relevant) if self.relevant else np.zeros((0, len(PU_FEATURES)))
+        unlabelled = np.concatenate(self.unlabelled) if self.unlabelled else np.zeros((0, len(PU_FEATURES)))
+        self.model = None
+        if len(relevant) < 2 or len(unlabelled) < 2:
+            return self  # nothing to learn from: the filter drops nothing
+        x = np.concatenate([relevant, unlabelled])
+        y = np.concatenate([np.ones(len(relevant)), np.zeros(len(unlabelled))])
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000)).fit(x, y)
+        p = self.model.predict_proba(relevant)[:, 1]
+        self.drop_level = float(np.quantile(p, self.spec["budget"]))
+        self.relabel_level = float(np.quantile(p, self.spec["relabel"]))
+        self.relevant = self.unlabelled = []
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        if self.model is None:
+            return {"fitted": False}
+        scaler, lr = self.model[0], self.model[-1]
+        return {"fitted": True, "coefficients": dict(zip(PU_FEATURES, (lr.coef_[0] / scaler.scale_).round(4).tolist())),
+                "drop_level": round(self.drop_level, 4), "relabel_level": round(self.relabel_level, 4)}
+
+    def probabilities(self, row: dict[str, Any]) -> np.ndarray:
+        candidates, _ = pu_features(row)
+        if self.model is None or not len(candidates):
+            return np.zeros(len(candidates))
+        return self.model.predict_proba(candidates)[:, 1]
+
+
+LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, computed by FilterStage (not stored)
+
+
+class PositiveLexicon:
+    """BM25 scores of a query's candidates with each of its positives' texts as the BM25 query
+    (the highest over its positives): the run's BM25 index, and the texts of the positives only,
+    read in one scan of the corpus."""
+
+    def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids: set[str]) -> None:
+        from hardneg.stages.bm25_miner import BM25Index
+        from hardneg.stages.io import iter_batches
+
+        self.index = BM25Index.load(Path(bm25_dir), bm25_config)
+        self.texts: dict[str, str] = {}
+        for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"]):
+            for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()):
+                if doc_id in positive_ids:
+                    self.texts[doc_id] = text
+
+    def scores(self, row: dict[str, Any]) -> list[float]:
+        candidates = list(row["candidate_ids"])
+        best = np.full(len(candidates), -np.inf)
+        for positive in row["positive_ids"]:
+            if positive in self.texts and candidates:
+                best = np.maximum(best, np.asarray(self.index.score(self.texts[positive], candidates), dtype=np.float64))
+        return [None if np.isinf(v) else float(v) for v in best]
+
+
+def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None,
+           models: dict[str, PUModel] | None = None, relabel: bool = False) -> list[str]:
     """The decision for each candidate: "kept" or the name of the first filter that drops it.
-    `skip_score` leaves out the filters reading that score (the cross-encoder runs in between)."""
+    `skip_score` leaves out the filters reading that score (the cross-encoder runs in between).
+    `models` holds the fitted model of each `pu` filter (by name); one without a model decides
+    nothing. With `relabel`, a `pu` filter records the candidates above its relabel level as
+    "relabel:<name>" (extra positives) instead of its name."""
     view = QueryView.from_row(row)
     decisions = np.full(len(view.ranks), KEPT, dtype=object)
     for spec in specs:
@@ -232,24 +402,93 @@ def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str 
         undecided = decisions == KEPT
         if not undecided.any():
             break
+        if spec["type"] == "lexical_duplicate":
+            if row.get(LEXICAL_COLUMN) is None:
+                continue  # no positive texts to compare with (the rerank stage's pre-pass)
+            decisions[undecided & _above_percentile(_floats(row[LEXICAL_COLUMN], len(decisions)), spec["value"])] = spec["name"]
+            continue
+        if spec["type"] == "pu":
+            model = (models or {}).get(spec["name"])
+            if model is None or model.model is None:
+                continue
+            p = model.probabilities(row)
+            decisions[undecided & (p > model.drop_level)] = spec["name"]
+            if relabel:
+                decisions[undecided & (p > model.relabel_level) & (p > model.drop_level)] = RELABEL + spec["name"]
+            continue
         decisions[undecided & drops(view, spec)] = spec["name"]
     return decisions.tolist()
 
 
 class FilterStage(MapStage):
     name = "filter"
-    version = "2"
+    version = "3"
 
-    def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024) -> None:
+    def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024, *, seed: int = 12,
+                 fit_input: Path | None = None, false_negatives: str = "drop", bm25_dir: Path | None = None,
+                 bm25_config=None, corpus_dir: Path | None = None) -> None:
         super().__init__()
+        self.bm25_dir = str(bm25_dir) if bm25_dir else None
+        self.bm25_config = bm25_config
+        self.corpus_dir = str(corpus_dir) if corpus_dir else None
         self.specs = specs
+        self.seed = seed
+        self.fit_input = str(fit_input) if fit_input else None
+        self.false_negatives = false_negatives
         self.resources = Resources(num_cpus=1, batch_size=batch_size)
 
     def fingerprint_config(self) -> dict[str, Any]:
-        return {"filters": self.specs}
+        config: dict[str, Any] = {"filters": self.specs}
+        if any(spec["type"] == "pu" for spec in self.specs):
+            config["seed"] = self.seed  # its training sample
+            config["false_negatives"] = self.false_negatives
+        return config
+
+    def setup(self) -> None:
+        self._models = self.fit()
+        self._lexicon = None
+        if any(spec["type"] == "lexical_duplicate" for spec in self.specs):
+            if self.bm25_dir is None or self.corpus_dir is None or self.fit_input is None:
+                raise ValueError("a lexical_duplicate filter needs the BM25 index, the corpus and its input")
+            from hardneg.stages.io import iter_batches
+
+            positives: set[str] = set()
+            for batch in iter_batches(Path(self.fit_input), 4096, columns=["positive_ids"]):
+                for ids in batch.column("positive_ids").to_pylist():
+                    positives.update(ids)
+            self._lexicon = PositiveLexicon(Path(self.bm25_dir), self.bm25_config, Path(self.corpus_dir), positives)
+
+    def fit(self) -> dict[str, PUModel]:
+        """The `pu` filters' models, fitted on the whole input (every batch is then decided by the
+        same model). Queries beyond PU_MAX_QUERIES are left out by a seeded hash of their id."""
+        pu_specs = [spec for spec in self.specs if spec["type"] == "pu"]
+        if not pu_specs:
+            return {}
+        if self.fit_input is None:
+            raise ValueError("a pu filter needs its input (fit_input) to fit its model")
+        from hardneg.stages.io import count_rows, iter_batches
+
+        total = count_rows(Path(self.fit_input))
+        models = {spec["name"]: PUModel(spec, self.seed) for spec in pu_specs}
+        for batch in iter_batches(Path(self.fit_input), 4096):
+            for row in batch.to_pylist():
+                if total > PU_MAX_QUERIES and _query_rng(self.seed, row["query_id"]).random() > PU_MAX_QUERIES / total:
+                    continue
+                for model in models.values():
+                    model.add(row)
+        for name, model in models.items():
+            model.fit()
+            log.info("filter %s: %s", name, model.describe())
+        return models
 
     def transform(self, batch: pa.Table) -> pa.Table:
-        decisions = [decide(row, self.specs) for row in batch.to_pylist()]
+        self.ensure_setup()
+        relabel = self.false_negatives == "relabel"
+        rows = batch.to_pylist()
+        if self._lexicon is not None:
+            for row in rows:
+                row[LEXICAL_COLUMN] = self._lexicon.scores(row)
+        decisions = [decide(row, self.specs, models=self._models, relabel=relabel) for row in rows]
         if "ce_scores" not in batch.column_names:
             n = batch.num_rows
             batch = batch.append_column("positive_ce_scores", pa.nulls(n, pa.list_(pa.float32())))

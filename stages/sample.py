@@ -17,6 +17,9 @@ runner. The output has one row per input pair, negatives in rank order, with eve
 scores and ranks carried along. Texts are joined in by the writer so this stage never holds the
 corpus.
 
+With `relabel` (`false_negatives: relabel`), the candidates a filter recorded as
+`relabel:<name>` become the pair's `extra_positive_ids` (never negatives).
+
 The positive consistency check (`consistency_top_k`, `consistency_min_score`) flags a pair whose
 positive ranks below the top k of its query's dense ranking of the whole corpus, or scores below
 the minimum: the writer routes flagged pairs to rejects (`positive_inconsistent`).
@@ -33,7 +36,7 @@ import pyarrow as pa
 
 from hardneg import schemas
 from hardneg.stages.base import MapStage, Resources
-from hardneg.stages.filters import KEPT, SCORE_COLUMNS, POSITIVE_COLUMNS
+from hardneg.stages.filters import KEPT, RELABEL, SCORE_COLUMNS, POSITIVE_COLUMNS
 
 
 def pair_rng(seed: int, pair_id: str) -> np.random.Generator:
@@ -76,13 +79,14 @@ def mmr_pick(scores: np.ndarray, cosines: np.ndarray, k: int, lam: float) -> lis
 
 class SampleStage(MapStage):
     name = "sample"
-    version = "2"
+    version = "3"
 
     def __init__(self, *, num_negatives: int, strategy: str, seed: int, score: str, temperature: float = 0.05,
                  mmr_lambda: float = 0.7, index_dir: Path | None = None, consistency_top_k: int | None = None,
                  consistency_min_score: float | None = None, quotas: dict[str, int] | None = None,
-                 batch_size: int = 1024) -> None:
+                 relabel: bool = False, batch_size: int = 1024) -> None:
         super().__init__()
+        self.relabel = relabel
         self.quotas = dict(quotas or {})
         self.num_negatives = num_negatives
         self.strategy = strategy
@@ -106,6 +110,8 @@ class SampleStage(MapStage):
             config["mmr_lambda"] = self.mmr_lambda
         if self.quotas:
             config["quotas"] = self.quotas
+        if self.relabel:
+            config["relabel"] = True
         if self.consistency_top_k is not None or self.consistency_min_score is not None:
             config["consistency"] = [self.consistency_top_k, self.consistency_min_score]
         return config
@@ -179,6 +185,9 @@ class SampleStage(MapStage):
         score_column = SCORE_COLUMNS[self.score]
         for row in batch.to_pylist():
             kept = [j for j, d in enumerate(row["decisions"]) if d == KEPT]
+            # Relabelled candidates (false_negatives: relabel) become extra positives of every pair
+            # of their query, in rank order; they are never negatives (their decision is not kept).
+            extra = [row["candidate_ids"][j] for j, d in enumerate(row["decisions"]) if self.relabel and d.startswith(RELABEL)]
             kept_scores = [row[score_column][j] for j in kept] if row.get(score_column) is not None else [None] * len(kept)
             cosines = None
             if self.strategy == "mmr" and len(kept) > self.num_negatives:
@@ -222,6 +231,8 @@ class SampleStage(MapStage):
                         "positive_dense_score": dense_score,
                         "positive_rank": positive_rank,
                         "inconsistent": self._inconsistent(positive_rank, dense_score),
+                        "extra_positive_ids": [d for d in extra if d != positive_id],
+                        "extra_positives": None,
                     }
                 )
         return pa.Table.from_pylist(out, schema=schemas.MINED)

@@ -35,9 +35,11 @@ from hardneg.pipeline.errors import AccountingError  # noqa: E402,F401 - re-expo
 
 class WriteStage(GlobalStage):
     name = "write"
-    version = "2"
+    version = "3"
 
-    def __init__(self, *, format: str, num_negatives: int, metadata_columns: bool, layout: str = "disk", card: dict | None = None) -> None:
+    def __init__(self, *, format: str, num_negatives: int, metadata_columns: bool, layout: str = "disk", card: dict | None = None,
+                 relabel: bool = False) -> None:
+        self.relabel = relabel
         self.format = format
         self.num_negatives = num_negatives
         self.metadata_columns = metadata_columns
@@ -45,7 +47,10 @@ class WriteStage(GlobalStage):
         self.card = card or {}
 
     def fingerprint_config(self) -> dict[str, Any]:
-        return {"format": self.format, "num_negatives": self.num_negatives, "metadata_columns": self.metadata_columns, "layout": self.layout}
+        config = {"format": self.format, "num_negatives": self.num_negatives, "metadata_columns": self.metadata_columns, "layout": self.layout}
+        if self.relabel:
+            config["relabel"] = True
+        return config
 
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
         mined = read_table(inputs["mined"], schemas.MINED).sort_by("pair_order")
@@ -73,7 +78,8 @@ class WriteStage(GlobalStage):
         rejects = pa.concat_tables([ingest_rejects, pa.Table.from_pylist(new_rejects, schema=schemas.REJECTS)])
         stats = self._stats(mined, inputs, rejects, int((~full).sum()))
         stats["pairs_inconsistent"] = int(flagged.sum())
-        table = to_format(mined, self.format, self.num_negatives, self.metadata_columns)
+        stats["extra_positives"] = int(sum(len(ids or []) for ids in mined.column("extra_positive_ids").to_pylist()))
+        table = to_format(mined, self.format, self.num_negatives, self.metadata_columns, relabel=self.relabel)
         write_dataset(table, out_dir, self.layout)
         with ShardWriter(out_dir / "rejects", schemas.REJECTS, prefix="rejects") as writer:
             writer.write(rejects)
@@ -150,8 +156,9 @@ def _scores_per_source(mined: pa.Table) -> dict[str, dict]:
 def _join_texts(mined: pa.Table, corpus_dir: Path) -> pa.Table:
     """Fill in positive and negative texts, scanning the corpus once for just the needed ids."""
     needed = set(mined.column("positive_id").to_pylist())
-    for ids in mined.column("negative_ids").to_pylist():
-        needed.update(ids or [])
+    for column in ("negative_ids", "extra_positive_ids"):
+        for ids in mined.column(column).to_pylist():
+            needed.update(ids or [])
     texts: dict[str, str] = {}
     for batch in iter_batches(corpus_dir, 100_000):
         for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()):
@@ -159,25 +166,36 @@ def _join_texts(mined: pa.Table, corpus_dir: Path) -> pa.Table:
                 texts[doc_id] = text
     positives = pa.array([texts[d] for d in mined.column("positive_id").to_pylist()], type=pa.string())
     negatives = pa.array([[texts[d] for d in ids or []] for ids in mined.column("negative_ids").to_pylist()], type=pa.list_(pa.string()))
+    extras = pa.array([[texts[d] for d in ids or []] for ids in mined.column("extra_positive_ids").to_pylist()], type=pa.list_(pa.string()))
     mined = mined.set_column(mined.schema.get_field_index("positive"), "positive", positives)
+    mined = mined.set_column(mined.schema.get_field_index("extra_positives"), "extra_positives", extras)
     return mined.set_column(mined.schema.get_field_index("negatives"), "negatives", negatives)
 
 
-def to_format(mined: pa.Table, format: str, k: int, metadata: bool) -> pa.Table:
+def to_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: bool = False) -> pa.Table:
+    """The rows in a sentence-transformers format. With `relabel`, a pair's extra positives are
+    `extra_positives` (texts) and `extra_positive_ids` columns in n-tuple and triplet rows, label-1
+    rows right after the pair's positive in labeled-pair, and label-1 passages right after it in
+    labeled-list; they are never negatives."""
     rows = mined.to_pylist()
+    for r in rows:
+        r["extra_positive_ids"] = list(r.get("extra_positive_ids") or []) if relabel else []
+        r["extra_positives"] = list(r.get("extra_positives") or []) if relabel else []
     meta = METADATA if metadata else []
+    extra_columns = ["extra_positives", "extra_positive_ids"] if relabel else []
     if format == "n-tuple":
         out = [
             {"query": r["query"], "positive": r["positive"], **{f"negative_{i + 1}": r["negatives"][i] for i in range(k)},
+             **{m: r[m] for m in extra_columns},
              **{m: r[m] for m in meta}, **({m: r[m][:k] for m in NEGATIVE_METADATA if r[m] is not None} if metadata else {})}
             for r in rows
         ]
-        columns = ["query", "positive", *[f"negative_{i + 1}" for i in range(k)]] + (meta + NEGATIVE_METADATA if metadata else [])
+        columns = ["query", "positive", *[f"negative_{i + 1}" for i in range(k)]] + extra_columns + (meta + NEGATIVE_METADATA if metadata else [])
     elif format == "triplet":
         out = []
         for r in rows:
             for i in range(k):
-                row = {"query": r["query"], "positive": r["positive"], "negative": r["negatives"][i]}
+                row = {"query": r["query"], "positive": r["positive"], "negative": r["negatives"][i], **{m: r[m] for m in extra_columns}}
                 if metadata:
                     row.update({m: r[m] for m in meta})
                     row.update({m[:-1] if m.endswith("s") else m: (r[m][i] if r[m] is not None else None) for m in NEGATIVE_METADATA})
@@ -189,6 +207,9 @@ def to_format(mined: pa.Table, format: str, k: int, metadata: bool) -> pa.Table:
             base = {"query_id": r["query_id"], "pair_id": r["pair_id"]} if metadata else {}
             out.append({"query": r["query"], "passage": r["positive"], "label": 1, **base,
                         **({"passage_id": r["positive_id"], "score": r["positive_score"], "rank": None, "sources": None} if metadata else {})})
+            for doc_id, text in zip(r["extra_positive_ids"], r["extra_positives"]):
+                out.append({"query": r["query"], "passage": text, "label": 1, **base,
+                            **({"passage_id": doc_id, "score": None, "rank": None, "sources": None} if metadata else {})})
             for i, text in enumerate(r["negatives"]):
                 out.append({"query": r["query"], "passage": text, "label": 0, **base,
                             **({"passage_id": r["negative_ids"][i], "score": r["negative_scores"][i], "rank": r["negative_ranks"][i],
@@ -196,8 +217,10 @@ def to_format(mined: pa.Table, format: str, k: int, metadata: bool) -> pa.Table:
         columns = None
     elif format == "labeled-list":
         out = [
-            {"query": r["query"], "passages": [r["positive"], *r["negatives"]], "labels": [1] + [0] * len(r["negatives"]),
-             **({m: r[m] for m in meta} | {m: r[m] for m in NEGATIVE_METADATA} if metadata else {})}
+            {"query": r["query"], "passages": [r["positive"], *r["extra_positives"], *r["negatives"]],
+             "labels": [1] * (1 + len(r["extra_positives"])) + [0] * len(r["negatives"]),
+             **({m: r[m] for m in meta} | {m: r[m] for m in NEGATIVE_METADATA} | ({"extra_positive_ids": r["extra_positive_ids"]} if relabel else {})
+                if metadata else {})}
             for r in rows
         ]
         columns = None

