@@ -23,11 +23,11 @@ import json
 import random
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -231,7 +231,7 @@ class _Inputs:
 def _write_parquet(path: Path, table: pa.Table) -> Path:
     """Write once under a content-hash name (same data, same file: the ingest stage stays cached)."""
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.tmp-{np.random.default_rng().integers(1 << 30)}")
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         pq.write_table(table, tmp)
         tmp.replace(path)
     return path

@@ -172,12 +172,46 @@ def test_cli_accepts_output_format(tmp_path):
     from typer.testing import CliRunner
 
     from hardneg.pipeline.cli import app
+    from hardneg.pipeline.config import ConfigError
 
-    result = CliRunner().invoke(app, ["mine", "--help"])
-    assert "--output-format" in result.output
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"q": "a", "p": "b"}\n')
+    result = CliRunner().invoke(app, ["mine", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--output-format", "bogus"])
+    assert isinstance(result.exception, ConfigError) and "config error: format:" in str(result.exception)
 
 
 def test_import_hardneg_stays_light():
     code = "import sys, hardneg; print('hardneg.pipeline.st_compat' in sys.modules, callable(hardneg.mine_hard_negatives))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+@pytest.mark.slow
+def test_cross_encoder_rescoring_as_sentence_transformers(tmp_path, tmp_path_factory):
+    """With a cross-encoder and a score filter, sentence-transformers rescores the window with it,
+    filters and sorts by its scores. Tiny random models (fast) score many candidates alike, so the
+    order among exact ties is arbitrary on both sides: the check is on rows, columns and the
+    scores, position by position."""
+    import datasets
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives as st_mine
+
+    import hardneg
+    from resilience import tiny_model
+    from test_miners import build_tiny_cross_encoder
+
+    beir = cranfield_subset(tmp_path / "beir", n_queries=20, n_docs=60)
+    queries = {r["_id"]: r["text"] for r in read_jsonl(beir / "queries.jsonl")}
+    docs = {r["_id"]: (r.get("title", "") + " " + r["text"]).strip() for r in read_jsonl(beir / "corpus.jsonl")}
+    pairs = [(queries[q], docs[d]) for q, d, score in read_qrels(beir) if score > 0]
+    dataset = datasets.Dataset.from_dict({"question": [q for q, _ in pairs], "answer": [d for _, d in pairs]})
+    model = SentenceTransformer(str(tiny_model(tmp_path_factory)), device="cpu")
+    ce = CrossEncoder(str(build_tiny_cross_encoder(tmp_path / "ce", list(docs.values()))), max_length=128, device="cpu")
+    args = dict(corpus=list(docs.values()), cross_encoder=ce, num_negatives=3, absolute_margin=0.0,
+                output_format="n-tuple", output_scores=True, verbose=False)
+    expected = st_mine(dataset, model, **args)
+    got = hardneg.mine_hard_negatives(dataset, model, cache_folder=str(tmp_path / "work"), **args)
+    assert got.column_names == expected.column_names and got.features == expected.features
+    assert 0 < got.num_rows == expected.num_rows < len(pairs)  # the margin left some pairs short
+    assert got["question"] == expected["question"] and got["answer"] == expected["answer"]
+    assert [v for row in got["scores"] for v in row] == pytest.approx([v for row in expected["scores"] for v in row], abs=1e-5)
