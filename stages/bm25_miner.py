@@ -376,9 +376,11 @@ class BM25Index:
             return query, rows, np.concatenate([p[1] for p in parts] + [np.zeros(0)]).astype(np.float64)
         indptr = self._retriever.scores["indptr"]
         sizes = np.array([int((indptr[t + 1] - indptr[t]).sum()) for t in token_ids], dtype=np.int64)
+        # Groups of about equal postings, at least one per thread, none above the budget.
+        budget = min(POSTINGS_BUDGET, max(1, -(-int(sizes.sum()) // max(1, n_threads))))
         groups, start, load = [], 0, 0
         for i, size in enumerate(sizes.tolist()):
-            if load and load + size > POSTINGS_BUDGET:
+            if load and load + size > budget:
                 groups.append((start, i))
                 start, load = i, 0
             load += size

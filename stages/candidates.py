@@ -116,19 +116,28 @@ class _BatchVectors:
         out[grid < 0] = -np.inf
         return out
 
-    def max_cosine(self, grid: np.ndarray, positives: np.ndarray) -> np.ndarray:
-        """Per grid[i, j]: the highest cosine of that row's vector to the vectors of
-        positives[i] (float64, then float32); NaN where query i has no positive."""
-        out = np.full(grid.shape, np.nan, dtype=np.float32)
-        if grid.shape[1] == 0 or positives.shape[1] == 0:
-            return out
+    def exact_and_max_cosine(self, queries: np.ndarray, grid: np.ndarray,
+                             positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`exact(queries, grid)`, and per grid[i, j] the highest cosine of that row's vector to
+        the vectors of positives[i] (float64, then float32; NaN where query i has no positive),
+        from one gather of the grid's vectors."""
+        dots = np.full(grid.shape, -np.inf, dtype=np.float32)
+        best_all = np.full(grid.shape, np.nan, dtype=np.float32)
+        if grid.shape[1] == 0:
+            return dots, best_all
+        q = queries.astype(np.float64)
         for a, b in self._chunks(len(grid), grid.shape[1] + positives.shape[1]):
-            cos = np.matmul(self._get(grid[a:b]), self._get(positives[a:b]).transpose(0, 2, 1))
+            vectors = self._get(grid[a:b])
+            dots[a:b] = np.matmul(vectors, q[a:b, :, None])[:, :, 0].astype(np.float32)
+            if positives.shape[1] == 0:
+                continue
+            cos = np.matmul(vectors, self._get(positives[a:b]).transpose(0, 2, 1))
             cos[np.broadcast_to((positives[a:b] < 0)[:, None, :], cos.shape)] = -np.inf
             best = cos.max(axis=2)
             best[(positives[a:b] < 0).all(axis=1)] = np.nan
-            out[a:b] = best.astype(np.float32)
-        return out
+            best_all[a:b] = best.astype(np.float32)
+        dots[grid < 0] = -np.inf
+        return dots, best_all
 
 
 def _grid(group: np.ndarray, values: np.ndarray, n: int, fill: int = -1) -> np.ndarray:
@@ -376,8 +385,8 @@ class CandidatesStage(MapStage):
         pos_counts = np.bincount(pos_q, minlength=n) if len(pos_q) else np.zeros(n, dtype=np.int64)
         cand_grid = _grid(cand["q"], cand["row"], n)
         inside = cand_grid >= 0
-        dense = vectors.exact(queries, cand_grid)[inside]
-        similarity = vectors.max_cosine(cand_grid, pos_grid)[inside]
+        dense, similarity = vectors.exact_and_max_cosine(queries, cand_grid, pos_grid)
+        dense, similarity = dense[inside], similarity[inside]
         ints, floats = pa.int64(), pa.float32()
         columns = {
             "positive_dense_scores": _list_array(pos_counts, pa.array(pos_scores, floats)),

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from hardneg.stages.ann_index import IndexConfig, build_index
 from hardneg.stages.base import GlobalStage
+from hardneg.stages.candidates import DocIds
 from hardneg.stages.io import ShardWriter, iter_batches, parquet_files, release_pages
 
 
@@ -33,14 +34,14 @@ class IndexStage(GlobalStage):
         return self.index.model_dump(exclude={"gpu"})
 
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
-        row_of: dict[str, int] = {}
+        parts = []
         with ShardWriter(out_dir / "ids", pa.schema([("doc_id", pa.string())])) as ids:
             for batch in iter_batches(inputs["corpus"], 100_000, columns=["doc_id"]):
-                for doc_id in batch.column("doc_id").to_pylist():
-                    row_of[doc_id] = len(row_of)
+                parts.append(batch.column("doc_id").combine_chunks())
                 ids.write(batch)
-        if not row_of:
+        if not parts or sum(len(p) for p in parts) == 0:
             raise ValueError("the corpus is empty: no document survived ingest")
+        row_of = DocIds(pa.concat_arrays(parts))  # ingest wrote each id once
         vectors = write_vectors(inputs["embeddings"], row_of, out_dir / "vectors.npy")
         build_index(vectors, self.index, out_dir / "faiss")
         return {"documents": len(row_of), "dim": int(vectors.shape[1])}
@@ -51,12 +52,12 @@ def embedding_dim(directory: Path) -> int:
     return schema.field("embedding").type.list_size
 
 
-def write_vectors(embeddings: Path, row_of: dict[str, int], path: Path) -> np.memmap:
+def write_vectors(embeddings: Path, row_of: DocIds, path: Path) -> np.memmap:
     dim = embedding_dim(embeddings)
     matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(row_of), dim))
     filled = np.zeros(len(row_of), dtype=bool)
     for batch in iter_batches(embeddings, 65_536):
-        rows = np.fromiter((row_of.get(i, -1) for i in batch.column("id").to_pylist()), dtype=np.int64)
+        rows = row_of.rows(batch.column("id").combine_chunks())
         values = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         values = values.reshape(-1, dim)
         known = rows >= 0  # vectors of ids outside the corpus are not needed

@@ -184,3 +184,38 @@ def test_batched_search_matches_single_batch(indexes, results, cranfield):
     # Small batches and threaded retrieval must not change anything.
     got = indexes["bm25s"].search(cranfield[2], K, batch_size=7, n_threads=2)
     assert got == results["bm25s"]
+
+
+def _per_query(ids: np.ndarray, rows: np.ndarray, scores: np.ndarray, n: int, doc_ids: list[str]):
+    out_ids, out_scores = [[] for _ in range(n)], [[] for _ in range(n)]
+    for q, r, s in zip(ids.tolist(), rows.tolist(), scores.tolist()):
+        out_ids[q].append(doc_ids[r])
+        out_scores[q].append(s)
+    return out_ids, out_scores
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batched_rows_equal_search_and_score(engine, indexes, results, cranfield, monkeypatch):
+    """search_rows / score_rows (a batch at once, sparse) give `search`'s and `score`'s values bit
+    for bit: in one group, in many groups over threads, and with the dense path for queries whose
+    postings cover much of the corpus."""
+    import hardneg.stages.bm25_miner as bm25_miner
+
+    idx, queries = indexes[engine], cranfield[2]
+    doc_ids = idx.doc_ids
+    tokens = idx.prepare(queries)
+    settings = [(bm25_miner.POSTINGS_BUDGET, bm25_miner.DENSE_SHARE, 1)]
+    if engine == "bm25s":
+        settings += [(500, bm25_miner.DENSE_SHARE, 3), (1 << 23, 1 << 30, 2)]  # many groups; all dense
+    for budget, share, threads in settings:
+        monkeypatch.setattr(bm25_miner, "POSTINGS_BUDGET", budget)
+        monkeypatch.setattr(bm25_miner, "DENSE_SHARE", share)
+        got = _per_query(*idx.search_rows(tokens, K, n_threads=threads), len(queries), doc_ids)
+        assert got == results[engine], (budget, share, threads)
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.integers(0, len(queries), 3000))
+    rows = rng.integers(0, len(doc_ids), 3000)
+    scores = idx.score_rows(tokens, q, rows)
+    for qi in np.unique(q)[::10].tolist():
+        at = np.flatnonzero(q == qi)
+        assert scores[at].tolist() == idx.score(queries[qi], [doc_ids[r] for r in rows[at].tolist()])

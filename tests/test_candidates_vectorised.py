@@ -167,8 +167,9 @@ def mined(tmp_path_factory, small_beir):
     """One default run (dense + BM25 miners, exact index) over the Cranfield subset: its work dir
     holds the embeddings, the index and the BM25 index every test reuses."""
     root = tmp_path_factory.mktemp("vectorised")
+    # Short sequences embed the subset quickly; the vectors are as real as any.
     config = MineConfig(beir=small_beir, out=root / "out", work_dir=root / "work", miners=["dense", "bm25"],
-                        positives="best", num_negatives=3, runner="local")
+                        positives="best", num_negatives=3, runner="local", max_seq_length=32)
     run_mine(config, progress=False)
     return root
 
@@ -258,7 +259,7 @@ def test_a_whole_run_writes_the_rows_of_the_reference(mined, small_beir, tmp_pat
                                                                          "sample-*"))
     monkeypatch.setattr(runner, "CandidatesStage", _PerQuery)
     config = MineConfig(beir=small_beir, out=tmp_path / "out", work_dir=work, miners=["dense", "bm25"],
-                        positives="best", num_negatives=3, runner="local")
+                        positives="best", num_negatives=3, runner="local", max_seq_length=32)
     result = run_mine(config, progress=False)
     assert "candidates" in result.computed
     ours, reference = datasets.load_from_disk(str(mined / "out")), datasets.load_from_disk(str(tmp_path / "out"))
