@@ -125,41 +125,46 @@ def main() -> None:
         floor = floor_seconds(model, precision, [q["text"] for q in queries], list(texts.values()), config)
         del model
 
+        # Figures are printed as they are measured: a run cut short still shows what it had.
+        print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, runner {opts.runner}", flush=True)
+        print(cpu_features() + f"; hardneg precision {precision}", flush=True)
+        print(f"{'run':<44}{'seconds':>10}{'vs ST cold':>12}")
+
+        def row(name: str, seconds: float) -> None:
+            print(f"{name:<44}{seconds:>10.1f}{st_seconds / seconds:>11.2f}x", flush=True)
+
+        row("sentence-transformers mine_hard_negatives", st_seconds)
+        row("floor: model.encode of hardneg texts", floor)
         base = ["--beir", str(opts.beir), "--positives", "best", "--hide-extra-positives", "--num-negatives", "5",
                 "--set", f"range_max={opts.range_max}"]
         common = [*base, "--runner", opts.runner, "--work-dir", str(work / "hn-work")]
         other = "local" if opts.runner == "ray" else "ray"
         cold_other = hardneg([*base, "--runner", other, "--work-dir", str(work / "hn-work-other"), "--out", str(work / "cold-other")])
+        row(f"hardneg mine, cold, runner {other}", cold_other)
         cold = hardneg([*common, "--out", str(work / "cold")])
+        row(f"hardneg mine, cold, runner {opts.runner}", cold)
+        for label, folder in ((other, "cold-other"), (opts.runner, "cold")):
+            stages = json.loads((work / folder / "stats.json").read_text())["stages"]
+            print(f"hardneg cold ({label}), seconds per stage: "
+                  + ", ".join(f"{name} {info['seconds']:.1f}" for name, info in stages.items() if not info["reused"]))
+        ray_s, local_s = (cold, cold_other) if opts.runner == "ray" else (cold_other, cold)
+        print(f"default runner (ray) / --runner local, cold: {ray_s / local_s:.3f} (target <= 1.15)")
+        print(f"hardneg cold ({opts.runner}) / floor: {cold / floor:.3f} (target <= 1.3)", flush=True)
         warm = hardneg([*common, "--out", str(work / "warm"), "--set", "relative_margin=0.05"])
+        row("hardneg mine, warm (relative_margin changed)", warm)
         # Identical settings to sentence-transformers: dense only, no false-negative filters.
         same_settings = hardneg([*common, "--out", str(work / "same"), "--miners", "dense", "--set", "range_min=0",
                                  "--set", "filters=[]", "--set", "sampling_strategy=top"])
+        row("hardneg mine, ST settings (cached embeddings)", same_settings)
 
         ours = datasets.load_from_disk(str(work / "same"))
-        st_rows = {row["query"]: {row[f"negative_{i}"] for i in range(1, 6)} for row in st}
+        st_rows = {r["query"]: {r[f"negative_{i}"] for i in range(1, 6)} for r in st}
         same = total = 0
-        for row in ours:
-            negatives = {row[f"negative_{i}"] for i in range(1, 6)}
-            theirs = st_rows.get(row["query"], set())
+        for record in ours:
+            negatives = {record[f"negative_{i}"] for i in range(1, 6)}
+            theirs = st_rows.get(record["query"], set())
             same += len(negatives & theirs)
             total += len(negatives)
-
-        print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, runner {opts.runner}")
-        print(cpu_features() + f"; hardneg precision {precision}")
-        print(f"{'run':<44}{'seconds':>10}{'vs ST cold':>12}")
-        print(f"{'sentence-transformers mine_hard_negatives':<44}{st_seconds:>10.1f}{1.0:>11.2f}x")
-        print(f"{'floor: model.encode of hardneg texts':<44}{floor:>10.1f}{st_seconds / floor:>11.2f}x")
-        print(f"{'hardneg mine, cold, runner ' + opts.runner:<44}{cold:>10.1f}{st_seconds / cold:>11.2f}x")
-        print(f"{'hardneg mine, cold, runner ' + other:<44}{cold_other:>10.1f}{st_seconds / cold_other:>11.2f}x")
-        print(f"{'hardneg mine, warm (relative_margin changed)':<44}{warm:>10.1f}{st_seconds / warm:>11.2f}x")
-        print(f"{'hardneg mine, ST settings (cached embeddings)':<44}{same_settings:>10.1f}{st_seconds / same_settings:>11.2f}x")
-        stages = json.loads((work / "cold" / "stats.json").read_text())["stages"]
-        print("hardneg cold, seconds per stage: "
-              + ", ".join(f"{name} {info['seconds']:.1f}" for name, info in stages.items() if not info["reused"]))
-        ray_s, local_s = (cold, cold_other) if opts.runner == "ray" else (cold_other, cold)
-        print(f"default runner (ray) / --runner local, cold: {ray_s / local_s:.3f} (target <= 1.15)")
-        print(f"hardneg cold ({opts.runner}) / floor: {cold / floor:.3f} (target <= 1.3)")
         print(f"agreement at identical settings: {same}/{total} negatives = {same / max(total, 1):.3f}")
         print(f"rows: sentence-transformers {len(st)}, hardneg {ours.num_rows}")
     finally:

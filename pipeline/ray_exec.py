@@ -174,8 +174,7 @@ class RayExecutor:
             elif os.environ.get("RAY_ADDRESS"):
                 ray.init(**kwargs)  # joins that cluster: its workers' settings are its own
             else:
-                # Workers at the driver's niceness, not Ray's default 15.
-                ray.init(_system_config={"worker_niceness": self._nice}, **kwargs)
+                self._start_local(ray, kwargs)
             self._started = True
             if self.log_file is not None:
                 self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +182,20 @@ class RayExecutor:
             self._note_session(ray)
             log.info("ray: %s", "joined " + self.address if self.address else "started a local Ray")
         return ray
+
+    def _start_local(self, ray, kwargs: dict) -> None:
+        """Start a local Ray, its workers at the driver's niceness (not Ray's default 15). Ray
+        gives its raylet a fixed 30 s to register; on a machine busy with other work that can
+        pass, so a start that timed out is tried again (twice) before the run gives up."""
+        for attempt in range(3):
+            try:
+                ray.init(_system_config={"worker_niceness": self._nice}, **kwargs)
+                return
+            except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    raise
+                ray.shutdown()
+                log.debug("ray: the local start timed out; trying again")
 
     def _note_session(self, ray) -> None:
         try:

@@ -115,3 +115,29 @@ def test_warm_rerun_with_a_new_threshold_imports_neither_torch_nor_ray(quickstar
     assert "filter" in done_stages(proc.stderr), proc.stderr
     heavy = json.loads(proc.stdout.split("HEAVY=")[1].splitlines()[0])
     assert heavy == [], f"a warm run imported {heavy}"
+
+
+def test_a_model_that_fails_on_a_ray_worker_is_one_line_and_ray_logs_to_the_work_dir(tmp_path_factory, tmp_path):
+    """Weights truncated: the model fails to load inside a Ray worker; the run still ends in one
+    line and exit code 2 (the worker's exception travels back as the cause), no traceback, and
+    Ray's own log lines are in WORK/.ray.log."""
+    import shutil
+
+    from resilience import tiny_model
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model(tmp_path_factory), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    beir = cranfield_subset(tmp_path / "beir", n_queries=3, n_docs=5)
+    work, out = tmp_path / "work", tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(beir), "--out", str(out),
+                           "--work-dir", str(work), "--model", str(broken), "--runner", "ray"],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("hardneg: error: ") and "cannot be loaded" in lines[-1], proc.stderr
+    assert not any("WARNING" in line or "Error" in line for line in lines[:-1]), proc.stderr
+    assert (work / ".ray.log").is_file() and "ray session" in (work / ".ray.log").read_text()
+    assert not out.exists()
