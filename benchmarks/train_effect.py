@@ -141,8 +141,8 @@ def mine_keys(row: dict, recipe: dict) -> dict:
     return keys
 
 
-def mine_row(fold_dir: Path, work: Path, name: str, row: dict, recipe: dict, seed: int):
-    """Mine one row's negatives for the train half; None when this hardneg lacks a row's key."""
+def row_config(fold_dir: Path, work: Path, name: str, row: dict, recipe: dict, seed: int):
+    """One row's mining config for the train half; None when this hardneg lacks a row's key."""
     import hardneg
     from pydantic import ValidationError
 
@@ -151,11 +151,10 @@ def mine_row(fold_dir: Path, work: Path, name: str, row: dict, recipe: dict, see
         config = hardneg.MineConfig(beir=fold_dir, seed=seed, work_dir=work / "hn-work", **keys)
     except ValidationError as err:
         print(f"skipping row {name!r}: this hardneg rejects its config ({err.errors()[0]['msg']})", flush=True)
-        return None, None
+        return None
     slug = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = work / "mined" / f"{fold_dir.name}-{slug}"
-    config = config.model_copy(update={"out": out})
-    return mine_when_free(config), config
+    return config.model_copy(update={"out": out})
 
 
 def mine_when_free(config):
@@ -261,9 +260,11 @@ def unit_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def cached(path: Path, compute):
+def cached(path: Path, compute, report_only: bool = False):
     if path.is_file():
         return json.loads(path.read_text())
+    if report_only:
+        return {}
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
@@ -281,16 +282,17 @@ def run_unit(ctx: dict, fold: int, name: str, seed: int, recipe: dict) -> dict:
     test_queries = {q: ctx["queries"][q] for q in test_qids}
     if row is None:
         key = unit_key("base", ctx["tag"], fold, max_len, sorted(test_qids))
-        return cached(work / "units" / f"base-{key}.json", lambda: base_unit(ctx, test_queries))
+        return cached(work / "units" / f"base-{key}.json", lambda: base_unit(ctx, test_queries), ctx["report_only"])
     mined_row = ROWS["st range_min=0"] if row == "pairs" else row
-    dataset, config = mine_row(fold_dir, work, name, mined_row, recipe, seed)
-    if dataset is None:
+    config = row_config(fold_dir, work, name, mined_row, recipe, seed)
+    if config is None:
         return {}
     k = 0 if row == "pairs" else recipe["num_negatives"]
     key = unit_key(name, config.model_dump(mode="json"), recipe, seed, max_len, sorted(test_qids), k)
 
     def compute():
         started = time.perf_counter()
+        dataset = mine_when_free(config)
         stats = negative_stats(dataset, ctx["qrels"], k) if k else {"pairs": dataset.num_rows, "fn_rate": None, "mean_rank": None}
         model = train(train_columns(dataset, k), recipe, seed, max_len)
         scores, _ = evaluate(model, ctx["corpus"], test_queries, ctx["qrels"])
@@ -298,7 +300,7 @@ def run_unit(ctx: dict, fold: int, name: str, seed: int, recipe: dict) -> dict:
                 "config": {key: value for key, value in config.model_dump(mode="json").items()
                            if key in ("range_min", "range_max", "filters", "sampling_strategy", "miners", "hide_extra_positives")}}
 
-    return cached(work / "units" / f"{name.split()[0]}-{key}.json", compute)
+    return cached(work / "units" / f"{name.split()[0]}-{key}.json", compute, ctx["report_only"])
 
 
 def base_unit(ctx: dict, test_queries: dict[str, str]) -> dict:
@@ -391,6 +393,7 @@ def parse_args() -> argparse.Namespace:
                         help="token cap for training and evaluation (default 64; --quick: 32)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--tune", action="store_true", help="recipe search: oracle vs base on fold 1 only")
+    parser.add_argument("--report", action="store_true", help="print the table from the cached units only (compute nothing)")
     return parser.parse_args()
 
 
@@ -413,14 +416,13 @@ def run_rows(ctx: dict, names: list[str], folds: int, seeds: list[int], recipe: 
         for fold in range(folds):
             for name in names:
                 unit = run_unit(ctx, fold, name, seed, recipe)
-                if not unit:
-                    units.pop(name, None)
+                if not unit:  # a row this hardneg lacks, or (--report) a unit not computed yet
                     continue
                 units[name][(fold, seed)] = unit
                 mean = np.array(list(unit["scores"].values())).mean(axis=0)
                 print(f"  seed {seed} fold {fold + 1} {name:<28} nDCG@10 {mean[0]:.3f} R@100 {mean[1]:.3f} "
                       f"({unit['seconds']:.0f}s when computed)", flush=True)
-    return units
+    return {name: by_unit for name, by_unit in units.items() if by_unit}
 
 
 def tune(ctx: dict, seeds: list[int]) -> None:
@@ -438,6 +440,7 @@ def main() -> None:
 
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     ctx = context(opts)
+    ctx["report_only"] = opts.report
     folds, seeds, recipe = opts.folds, list(range(opts.seeds)), dict(RECIPE)
     names = opts.rows.split(",") if opts.rows else list(ROWS)
     if opts.quick:
