@@ -103,6 +103,9 @@ def mine_hard_negatives(
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-dropin-", dir=root))
     try:
         inputs = _write_inputs(root, queries, positives, corpus)
+        # The pipeline's window of unmasked candidates: sentence-transformers searches
+        # range_max + max_positives documents and masks the query's own positives (>= 1).
+        window = range_max + max_positives - (0 if include_positives else 1)
         keys = dict(
             pairs=inputs.pairs, corpus=inputs.corpus, query_column="query", positive_column="positive",
             query_id_column="query_id", positive_id_column="positive_id", corpus_id_column="_id",
@@ -112,11 +115,9 @@ def mine_hard_negatives(
             embed_batch_size=batch_size, miners=list(miners or ["dense"]), filters=chain,
             consistency_top_k=consistency_top_k, runner=runner,
             max_score=max_score, min_score=min_score, absolute_margin=absolute_margin, relative_margin=relative_margin,
-            # The pipeline's window of unmasked candidates: sentence-transformers searches
-            # range_max + max_positives documents and masks the query's own positives (>= 1).
-            range_max=range_max + max_positives - (0 if include_positives else 1) if own else range_max,
+            range_max=window if own else range_max,
             range_min=0 if own else range_min,
-            num_negatives=range_max + max_positives if own else num_negatives,
+            num_negatives=window if own else num_negatives,  # own selection: keep every candidate
             sampling_strategy="top" if own else sampling_strategy,
         )
         if use_ce:
