@@ -109,10 +109,23 @@ def _route_ray_logs(log_file: Path | None, verbose: bool) -> None:
                 logger.removeHandler(handler)
             logger.propagate = False
             logger.setLevel(logging.INFO)
+    _close_log_file()
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("ray").addHandler(handler)
+        _LOG_HANDLERS.append(handler)
+
+
+_LOG_HANDLERS: list[logging.Handler] = []
+
+
+def _close_log_file() -> None:
+    """Detach the previous run's log file (one process may run several pipelines)."""
+    while _LOG_HANDLERS:
+        handler = _LOG_HANDLERS.pop()
+        logging.getLogger("ray").removeHandler(handler)
+        handler.close()
 
 
 class _Pool:
@@ -134,7 +147,10 @@ class _Pool:
 
     def close(self) -> None:
         for actor in self.actors:
-            self.ray.kill(actor, no_restart=True)
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - a worker already gone (its node lost) needs no kill
+                pass
         self.actors = []
 
 
@@ -281,3 +297,4 @@ class RayExecutor:
 
             ray.shutdown()
             self._started = False
+            _close_log_file()
