@@ -100,7 +100,9 @@ def mine_hard_negatives(
 
     root = Path(work_dir or cache_folder) if (work_dir or cache_folder) else Path(tempfile.mkdtemp(prefix="hardneg-"))
     root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".tmp-dropin-", dir=root))
+    # The pipeline's output is read back into a Dataset and removed; it lives outside the work
+    # dir, which may never contain an output.
+    scratch = Path(tempfile.mkdtemp(prefix="hardneg-dropin-"))
     try:
         inputs = _write_inputs(root, queries, positives, corpus)
         # The pipeline's window of unmasked candidates: sentence-transformers searches
