@@ -70,9 +70,10 @@ def mine_and_load(beir: Path, work: Path, overrides: dict[str, Any]):
 
     keys = {**overrides, **FIXED}
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = work / "runs" / digest
-    Pipeline(MineConfig(beir=beir, out=out, work_dir=work, **keys), progress=False).run()
-    return ev.load(beir, out, work_dir=work)
+    out = work / "runs" / digest  # beside the stage cache: an output may not sit inside a work dir
+    cache = work / "cache"
+    Pipeline(MineConfig(beir=beir, out=out, work_dir=cache, **keys), progress=False).run()
+    return ev.load(beir, out, work_dir=cache)
 
 
 def query_sets(beir: Path, qrels: dict[str, dict[str, float]], only: set[str] | None, min_relevant: int) -> dict[str, set[str]]:
