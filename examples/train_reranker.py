@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _recipe_data import default_model, detect_format, load_output, training_columns  # noqa: E402
+from _recipe_data import default_model, training_rows  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,16 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    dataset = load_output(args.dataset)
-    fmt = detect_format(dataset)
-    if fmt not in ("labeled-pair", "labeled-list"):
-        sys.exit(f"error: {args.dataset} is {fmt}: mine with --format labeled-pair or labeled-list for a reranker")
+    train, fmt = training_rows(args.dataset, ("labeled-pair", "labeled-list"), "--format labeled-pair or labeled-list for a reranker")
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, LambdaLoss
 
-    train = training_columns(dataset, fmt)
-    if train.num_rows == 0:
-        sys.exit(f"error: {args.dataset} has no rows to train on (see its stats.json and rejects/)")
     model = CrossEncoder(default_model(args.model), num_labels=1, max_length=args.max_length)
     loss = BinaryCrossEntropyLoss(model) if fmt == "labeled-pair" else LambdaLoss(model)
     training_args = CrossEncoderTrainingArguments(
