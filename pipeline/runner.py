@@ -20,7 +20,7 @@ from hardneg.stages.embed import EmbedStage, default_threads
 from hardneg.stages.filters import FilterStage, reads_bm25, specs_from_config
 from hardneg.stages.index import IndexStage
 from hardneg.stages.ingest import IngestStage
-from hardneg.stages.models import check_model, pick_device, pick_precision
+from hardneg.stages.models import check_model, pick_backend, pick_device, pick_precision
 from hardneg.stages.sample import SampleStage
 from hardneg.stages.write import WriteStage
 
@@ -143,6 +143,7 @@ class Pipeline:
         self.progress = progress
         self.device = pick_device(config.device)
         self.precision = pick_precision(config.precision, self.device)
+        self.backend = pick_backend(config.embed_backend, self.device, self.precision)
         self.threads = config.threads or default_threads()
         if config.runner == "ray":
             from hardneg.pipeline.ray_exec import RayExecutor
@@ -217,7 +218,7 @@ class Pipeline:
         c = self.config
         return EmbedStage(
             model=c.model, id_column=id_column, text_column="text", prompt=prompt, max_seq_length=c.max_seq_length,
-            precision=self.precision, device=self.device, micro_batch_size=c.embed_batch_size, threads=self.threads,
+            precision=self.precision, device=self.device, backend=self.backend, micro_batch_size=c.embed_batch_size, threads=self.threads,
             keep_columns=keep, trust_remote_code=c.trust_remote_code, max_workers=c.workers, label=label,
         )
 

@@ -2,8 +2,13 @@
 
 Rows are grouped by token length and each group is padded to a fixed bucket length (a multiple
 of 8 tokens). Two things follow: little padding is wasted, and a text's vector depends only on
-the text and its bucket — never on which other texts share its batch — so the output is
-bit-identical however a runner (in-process, Ray, a cluster) cuts the input into batches.
+the text, its bucket and the input block it came in (every runner cuts the input into the same
+blocks), never on the order of the rows — so the output is bit-identical in-process, on Ray and
+on a cluster. With OpenVINO and with torch's bf16 kernels it does not even depend on the block;
+torch's fp32 kernels on some CPUs (AVX512) round a row differently with the number of rows
+beside it, in the last bits.
+
+Engines: torch, or OpenVINO for the transformer on CPUs with native bf16 (`openvino_engine.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class EmbedStage(MapStage):
         max_seq_length: int | None = None,
         precision: str = "fp32",
         device: str = "cpu",
+        backend: str = "torch",
         micro_batch_size: int = 32,
         threads: int = 1,
         keep_columns: bool = False,
@@ -60,6 +66,7 @@ class EmbedStage(MapStage):
         self.max_seq_length = max_seq_length
         self.precision = precision
         self.device = device
+        self.backend = backend
         self.micro_batch_size = micro_batch_size
         self.threads = threads
         self.keep_columns = keep_columns
@@ -84,11 +91,13 @@ class EmbedStage(MapStage):
             "text_column": self.text_column,
             "keep_columns": self.keep_columns,
             "normalize": True,
+            # OpenVINO's kernels round differently from torch's (a torch run keeps its old key).
+            **({"backend": self.backend} if self.backend != "torch" else {}),
         }
 
     def pool_key(self) -> tuple:
         # Everything the loaded model depends on: stages with the same key share workers.
-        return ("embed", self.model, self.device, self.precision, int(self.threads), self.trust_remote_code)
+        return ("embed", self.model, self.device, self.precision, self.backend, int(self.threads), self.trust_remote_code)
 
     def setup(self) -> None:
         import torch
@@ -97,11 +106,19 @@ class EmbedStage(MapStage):
             # Fixed thread count: the same arithmetic whichever runner hosts this worker.
             torch.set_num_threads(max(1, int(self.threads)))
         self._torch = torch
-        key = (resolve_model(self.model), self.device, self.precision, self.trust_remote_code)
+        key = (resolve_model(self.model), self.device, self.precision, self.backend, self.trust_remote_code)
         if key not in _MODELS:
             _MODELS.clear()  # one model per process at a time: a worker moving on frees the last
-            _MODELS[key] = self._load()
-        self._model = _MODELS[key]
+            model = self._load()
+            _MODELS[key] = (model, self._openvino(model) if self.backend == "openvino" else None)
+        self._model, self._transformer = _MODELS[key]
+
+    def _openvino(self, model):
+        from hardneg.stages.openvino_engine import OpenVINOTransformer
+
+        names = list(model.tokenizer("hardneg").keys())  # the features the transformer is fed
+        return OpenVINOTransformer(model[0].auto_model, model_fingerprint(self.model), names,
+                                   self.precision, self.threads)
 
     def _load(self):
         from sentence_transformers import SentenceTransformer
@@ -182,6 +199,13 @@ class EmbedStage(MapStage):
 
     def _forward(self, features: dict) -> np.ndarray:
         torch = self._torch
+        if self._transformer is not None:
+            # OpenVINO runs the transformer; the model's own pooling modules do the rest.
+            with torch.inference_mode():
+                features["token_embeddings"] = self._transformer(features)
+                for module in list(self._model)[1:]:
+                    features = module(features)
+            return torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1).numpy()
         with torch.inference_mode(), self._autocast():
             vectors = self._model(features)["sentence_embedding"]
         return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()

@@ -15,7 +15,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_ALIASES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-from hardneg.pipeline.errors import ModelLoadError  # noqa: E402,F401 - re-exported
+from hardneg.pipeline.errors import ConfigError, ModelLoadError  # noqa: E402,F401 - re-exported
 
 
 def resolve_model(name: str) -> str:
@@ -138,6 +138,25 @@ def pick_precision(precision: str, device: str) -> str:
     if device.startswith("cuda"):
         return "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def pick_backend(backend: str, device: str, precision: str) -> str:
+    """auto: OpenVINO where it is fastest by far — a CPU with native bf16 (about 3x torch's bf16
+    autocast, `benchmarks/RESULTS.md`) — when it is installed; torch everywhere else (on fp32
+    its gain is small and torch fp32 is the reference)."""
+    from hardneg.stages import openvino_engine
+
+    if backend == "auto":
+        usable = device == "cpu" and precision == "bf16" and openvino_engine.available()
+        return "openvino" if usable else "torch"
+    if backend == "openvino":
+        if device != "cpu":
+            raise ConfigError(f"embed_backend openvino runs on the CPU; device is {device!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"embed_backend openvino runs fp32 or bf16, not {precision!r}")
+        if not openvino_engine.available():
+            raise ConfigError("embed_backend openvino: the openvino package is not installed (pip install openvino)")
+    return backend
 
 
 # --- models held in memory (the sentence-transformers drop-in) ------------------------------

@@ -98,19 +98,60 @@ def test_pair_file_bad_rows_are_rejected_as_pairs(tmp_path):
     assert info["pairs"] == 1
 
 
-def test_embedding_does_not_depend_on_the_batch(tmp_path):
-    from hardneg.stages.embed import EmbedStage
-
-    texts = ["a short text", "a much longer text about the lift of a wing in a slipstream " * 5, "drag", "another one"]
-    stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", micro_batch_size=2, threads=1)
+def _batch_check(stage, texts):
     stage.ensure_setup()
     together = stage.encode(texts)
     alone = np.vstack([stage.encode([t]) for t in texts])
     shuffled = stage.encode(texts[::-1])[::-1]
-    assert np.array_equal(together, alone) and np.array_equal(together, shuffled)
+    return together, alone, shuffled
+
+
+BATCH_TEXTS = ["a short text", "a much longer text about the lift of a wing in a slipstream " * 5, "drag", "another one"]
+
+
+def test_embedding_does_not_depend_on_the_batch(tmp_path):
+    from hardneg.stages.embed import EmbedStage
+
+    stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", micro_batch_size=2, threads=1)
+    together, alone, shuffled = _batch_check(stage, BATCH_TEXTS)
+    # The same input block gives the same vectors in any order (what runners rely on: they all
+    # cut the input into the same blocks). torch's fp32 CPU kernels may round a row differently
+    # with the number of rows beside it (seen on AVX512 CPUs), so alone is only close there.
+    assert np.array_equal(together, shuffled)
+    assert np.allclose(together, alone, atol=1e-6)
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
-    st = stage._model.encode(texts, normalize_embeddings=True)
+    st = stage._model.encode(BATCH_TEXTS, normalize_embeddings=True)
     assert (together * st).sum(axis=1).min() > 0.9999
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_engine_matches_torch_and_ignores_the_batch(tmp_path, monkeypatch, precision):
+    from hardneg.stages import embed
+    from hardneg.stages.embed import EmbedStage
+    from hardneg.stages.models import cpu_supports_bf16
+
+    if precision == "bf16" and not cpu_supports_bf16():
+        pytest.skip("bf16 is emulated on this CPU")
+    monkeypatch.setenv("HARDNEG_CACHE", str(tmp_path / "cache"))
+    stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", micro_batch_size=2,
+                       threads=1, precision=precision, backend="openvino")
+    together, alone, shuffled = _batch_check(stage, BATCH_TEXTS)
+    # OpenVINO's kernels give a row the same bits whatever rows share its forward pass.
+    assert np.array_equal(together, alone) and np.array_equal(together, shuffled)
+    reference = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", precision="fp32")
+    reference.ensure_setup()
+    assert (together * reference.encode(BATCH_TEXTS)).sum(axis=1).min() > 0.9999
+    # Converted once, then read from the cache: a second worker does not trace the model again.
+    cached = list((tmp_path / "cache" / "openvino").glob("*/model.xml"))
+    assert len(cached) == 1
+    assert stage.fingerprint_config()["backend"] == "openvino" and "backend" not in reference.fingerprint_config()
+    before = cached[0].stat().st_mtime_ns
+    embed._MODELS.clear()  # as in a fresh worker process
+    again = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", micro_batch_size=2,
+                       threads=1, precision=precision, backend="openvino")
+    again.ensure_setup()
+    assert cached[0].stat().st_mtime_ns == before
+    assert np.array_equal(again.encode(BATCH_TEXTS), together)
 
 
 def mined_rows() -> pa.Table:
@@ -199,3 +240,22 @@ def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path):
     plain = np.load(path, mmap_mode="r")
     _ = np.asarray(plain[np.sort(rows)])
     assert _mapped_kib(path.resolve()) > 16_384
+
+
+def test_embed_backend_is_checked_at_config_time(monkeypatch):
+    from hardneg.pipeline.errors import ConfigError
+    from hardneg.stages import openvino_engine
+    from hardneg.stages.models import pick_backend
+
+    assert pick_backend("torch", "cuda", "fp16") == "torch"
+    assert pick_backend("auto", "cuda", "fp16") == "torch"
+    assert pick_backend("auto", "cpu", "fp32") == "torch"  # torch fp32 is the reference
+    assert pick_backend("auto", "cpu", "bf16") == ("openvino" if openvino_engine.available() else "torch")
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        pick_backend("openvino", "cuda", "fp16")
+    with pytest.raises(ConfigError, match="fp32 or bf16"):
+        pick_backend("openvino", "cpu", "fp16")
+    monkeypatch.setattr(openvino_engine, "available", lambda: False)
+    assert pick_backend("auto", "cpu", "bf16") == "torch"
+    with pytest.raises(ConfigError, match="not installed"):
+        pick_backend("openvino", "cpu", "bf16")
