@@ -84,6 +84,8 @@ def _converted(transformer, model_key: dict, input_names: list[str]) -> Path:
     try:
         _convert(transformer, input_names, tmp / "model.xml")
         (tmp / "done").write_text("ok\n")
+        if (folder / "done").is_file():  # another worker finished the same conversion meanwhile
+            return target
         shutil.rmtree(folder, ignore_errors=True)  # an entry without its marker: a crash mid-write
         try:
             tmp.rename(folder)
