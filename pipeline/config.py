@@ -180,7 +180,7 @@ class MineConfig(BaseModel):
         from hardneg.stages.filters import FilterSpecError, specs_from_config
 
         try:
-            specs = specs_from_config(self)
+            specs = specs_from_config(self.filter_chain())
         except FilterSpecError as err:
             raise ValueError(str(err)) from None
         for spec in specs:
@@ -189,6 +189,17 @@ class MineConfig(BaseModel):
             if spec["type"] == "agreement" and len(self.miners) < 2:
                 raise ValueError(f"filter {spec['name']} needs two miners (miners: dense,bm25)")
         return self
+
+    # The typed parts each stage reads: a stage never sees the whole run's config.
+    def ingest_config(self):
+        from hardneg.stages.ingest import IngestConfig
+
+        return IngestConfig.of(self)
+
+    def filter_chain(self):
+        from hardneg.stages.filters import FilterChainConfig
+
+        return FilterChainConfig.of(self)
 
     def check_inputs(self, require_out: bool = True) -> None:
         """Checks the model validators cannot do (files exist, one source given, the machine has

@@ -73,6 +73,7 @@ class PrecomputedQueryVectors(MapStage):
 
     name = "query_vectors"
     version = "1"
+    in_process = True  # a lookup by id: runs in the driver
 
     def __init__(self, path: Path) -> None:
         super().__init__()
