@@ -14,7 +14,9 @@ from hardneg.pipeline.runner import Pipeline, RunResult
 
 
 def run_mine(config: MineConfig, *, progress: bool = True) -> RunResult:
-    return Pipeline(config, progress=progress).run()
+    from hardneg.pipeline.outputs.card import write_card
+
+    return Pipeline(config, progress=progress, write_card=write_card).run()
 
 
 def mine(config: MineConfig | str | Path | None = None, *, progress: bool = False, **keys: Any):

@@ -11,8 +11,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hardneg.pipeline.errors import ConfigError
-from hardneg.stages.ann_index import IndexConfig
-from hardneg.stages.bm25_miner import BM25Config
+from hardneg.stages.engines.faiss_index import IndexConfig
+from hardneg.stages.engines.bm25 import BM25Config
 from hardneg.stages.models import DEFAULT_MODEL
 
 Format = Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"]
@@ -220,7 +220,7 @@ class MineConfig(BaseModel):
             if path is not None:
                 check_table_format(Path(path), what)
         if self.index.gpu == "on":
-            from hardneg.stages.ann_index import gpu_available
+            from hardneg.stages.engines.faiss_index import gpu_available
 
             if not gpu_available():
                 raise ConfigError("index.gpu=on but faiss sees no usable GPU (it needs faiss-gpu and a visible CUDA "

@@ -162,7 +162,7 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
     score_bm25 = reads_bm25(chain)
     bm25 = {"bm25": "bm25_index"} if "bm25" in c.miners or score_bm25 else {}
     if bm25:
-        from hardneg.stages.bm25_miner import BM25IndexStage
+        from hardneg.stages.engines.bm25 import BM25IndexStage
 
         nodes.append(Node("bm25_index", lambda i: BM25IndexStage(c.bm25), {"corpus": "ingest/corpus"}))
     nodes.append(Node("calibrate", lambda i: CalibrateStage(c.index, k=c.range_max, seed=c.seed),

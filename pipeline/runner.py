@@ -9,11 +9,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hardneg.pipeline.config import ConfigError, MineConfig
 from hardneg.pipeline.plan import Machine, Node, index_plan, mine_plan
-from hardneg.pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerprint, write_json_atomic
+from hardneg.pipeline.store import (CODE_VERSION, FileLock, WorkDir, commit_dir, default_work_dir, fingerprint,
+                                    write_json_atomic)
 from hardneg.stages.base import MapStage, StageResult
 from hardneg.stages.embed import default_threads
 from hardneg.stages.models import check_model, pick_device, pick_precision
@@ -150,14 +151,14 @@ def clean_output_temps(out: Path) -> int:
     return removed
 
 
-def default_work_dir(out: Path) -> Path:
-    return Path(out).resolve().parent / ".hardneg-work"
-
-
 class Pipeline:
-    def __init__(self, config: MineConfig, *, progress: bool = True, require_out: bool = True) -> None:
+    def __init__(self, config: MineConfig, *, progress: bool = True, require_out: bool = True,
+                 write_card: Callable[[Path, MineConfig, dict], Any] | None = None) -> None:
         config.check_inputs(require_out=require_out)
         self.config = config
+        # The hub layout's dataset card (outputs/card.py) is a reader of finished outputs: it is
+        # handed in (run_mine does), so orchestration never imports what reads its outputs.
+        self.write_card = write_card
         self.out = resolve_output(Path(config.out)) if config.out else None
         if config.work_dir:
             self.work = WorkDir(Path(config.work_dir))
@@ -170,12 +171,12 @@ class Pipeline:
         self.precision = pick_precision(config.precision, self.device)
         self.threads = config.threads or default_threads()
         if config.runner == "ray":
-            from hardneg.pipeline.ray_exec import RayExecutor
+            from hardneg.pipeline.executors.ray import RayExecutor
 
             # Ray's own log lines go to a file in the work dir (a failure message names it).
             self.executor = RayExecutor(config.ray_address, progress, log_file=self.work.root / ".ray.log")
         else:
-            from hardneg.pipeline.local import LocalExecutor
+            from hardneg.pipeline.executors.local import LocalExecutor
 
             self.executor = LocalExecutor(progress)
         self.results: list[StageResult] = []
@@ -200,7 +201,7 @@ class Pipeline:
                     executor = self.executor
                     # A cheap per-query stage runs in the driver: re-tuning it never starts Ray.
                     if stage.in_process and self.executor.name != "local":
-                        from hardneg.pipeline.local import LocalExecutor
+                        from hardneg.pipeline.executors.local import LocalExecutor
 
                         executor = LocalExecutor(self.progress)
                     rows = executor.run_map(stage, map_input, tmp)
@@ -325,10 +326,8 @@ class Pipeline:
             stats["stages"] = {r.name: {"reused": r.reused, "seconds": round(r.seconds, 3), "path": str(r.path)} for r in self.results}
             stats["config"] = self.config.model_dump(mode="json")
             write_json_atomic(tmp / "stats.json", stats)
-            if self.config.layout == "hub":
-                from hardneg.pipeline.card import write_card
-
-                write_card(tmp, self.config, stats)
+            if self.config.layout == "hub" and self.write_card is not None:
+                self.write_card(tmp, self.config, stats)
             _test_pause(stage.name)
             commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION,
                                        "files": output_files(tmp)}, name=manifest.name)

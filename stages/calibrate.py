@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hardneg.stages.ann_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
+from hardneg.stages.engines.faiss_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
 from hardneg.stages.base import GlobalStage
 from hardneg.stages.io import VectorFile, count_rows, iter_batches
 

@@ -385,7 +385,7 @@ class PositiveLexicon:
     read in one scan of the corpus."""
 
     def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids: set[str]) -> None:
-        from hardneg.stages.bm25_miner import BM25Index
+        from hardneg.stages.engines.bm25 import BM25Index
         from hardneg.stages.io import iter_batches
 
         self.index = BM25Index.load(Path(bm25_dir), bm25_config)

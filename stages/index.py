@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hardneg.stages.ann_index import IndexConfig, build_index
+from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 from hardneg.stages.base import GlobalStage
 from hardneg.stages.candidates import DocIds
 from hardneg.stages.io import ShardWriter, iter_batches, parquet_files, release_pages

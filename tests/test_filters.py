@@ -347,7 +347,7 @@ def test_candidates_positive_ranks_and_similarity(tmp_path, exact_threshold):
     positive_similarity (highest cosine to a positive) against brute force; with the exact scan
     (small corpus) and, above index.exact_threshold, from the search: exact within its depth,
     depth + 1 beyond."""
-    from hardneg.stages.ann_index import IndexConfig
+    from hardneg.stages.engines.faiss_index import IndexConfig
     from hardneg.stages.candidates import CandidatesStage
     from hardneg.stages.index import IndexStage
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hardneg.pipeline import evaluate as ev
+from hardneg.pipeline.outputs import evaluate as ev
 from hardneg.pipeline.config import ConfigError, MineConfig, build_config
 from hardneg.stages.filters import LEXICAL_COLUMN, RELABEL, PUModel, decide, normalize_spec, pu_features
 
@@ -114,7 +114,7 @@ def filter_rows(result) -> list[dict]:
 
 
 def test_lexical_duplicate_scores_are_bm25_against_the_positive_text(small_beir, subset_work, tmp_path):
-    from hardneg.stages.bm25_miner import BM25Config, BM25Index
+    from hardneg.stages.engines.bm25 import BM25Config, BM25Index
     from hardneg.stages.io import read_table
 
     result = mine(small_beir, tmp_path / "out", subset_work, filters=[{"type": "lexical_duplicate", "value": 70}])

@@ -258,7 +258,7 @@ def _default_work_dir(dataset: Path, stats: dict[str, Any]) -> Path:
     index = ((stats.get("stages") or {}).get("index") or {}).get("path")
     if index and Path(index).parent.is_dir():
         return Path(index).parent
-    from hardneg.pipeline.runner import default_work_dir
+    from hardneg.pipeline.store import default_work_dir
 
     return default_work_dir(Path(dataset))
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hardneg.pipeline.card import format_value  # one number format for the card and the report
+from hardneg.pipeline.outputs.card import format_value  # one number format for the card and the report
 from hardneg.pipeline.errors import ReportError, UserError
 
 log = logging.getLogger("hardneg")
@@ -273,7 +273,7 @@ def eval_section(out: Path, beir: Path | None) -> str:
     if beir is None:
         return "<p class=\"muted\">No evaluation: give <code>--beir DIR</code> to evaluate against its qrels.</p>"
     try:
-        from hardneg.pipeline.evaluate import evaluate
+        from hardneg.pipeline.outputs.evaluate import evaluate
     except ImportError:
         return "<p class=\"muted\" id=\"eval-unavailable\">eval unavailable (this hardneg has no pipeline.evaluate)</p>"
     try:
@@ -284,7 +284,7 @@ def eval_section(out: Path, beir: Path | None) -> str:
         log.warning("evaluation failed: %s", err)
         first = (str(err).splitlines() or [type(err).__name__])[0]
         return f"<p class=\"muted\" id=\"eval-unavailable\">eval unavailable: {html.escape(first)}</p>"
-    from hardneg.pipeline.card import eval_tables
+    from hardneg.pipeline.outputs.card import eval_tables
 
     parts = [f"<p class=\"muted\">Against {html.escape(str(beir))} ({html.escape(str(result.get('split', '')))}), "
              f"hardness ranks under {html.escape(str(result.get('model') or '-'))}: <code>fn_rate</code> is the share of "
