@@ -177,7 +177,8 @@ class MineConfig(BaseModel):
         for source in self.quotas or {}:
             if source not in self.miners:
                 raise ValueError(f"quotas.{source}: {source} is not among the miners ({','.join(self.miners)})")
-        from hardneg.stages.filters import FilterSpecError, specs_from_config
+        from hardneg.pipeline.errors import FilterSpecError
+        from hardneg.stages.filters import specs_from_config
 
         try:
             specs = specs_from_config(self.filter_chain())

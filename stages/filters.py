@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hardneg.pipeline.errors import FilterSpecError
 from hardneg.stages.base import MapStage, Resources
 
 log = logging.getLogger("hardneg")
@@ -91,10 +92,6 @@ FILTER_TYPES: dict[str, tuple[dict[str, Any], str | None]] = {
 }
 RELABEL = "relabel:"  # decision prefix of a candidate a filter judged relevant with high confidence
 ST_KEYS = ("range_min", "max_score", "min_score", "absolute_margin", "relative_margin")
-
-
-class FilterSpecError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
