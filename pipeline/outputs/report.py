@@ -307,7 +307,7 @@ th { background: #f8f9fa; } img.plot { max-width: 100%; display: block; margin: 
 """
 
 
-def render_report(out: Path, beir: Path | None = None) -> str:
+def render_report(out: Path, beir: Path | None = None) -> str:  # long: one HTML page, its sections in reading order
     out = Path(out)
     stats = load_stats(out)
     table = load_table(out)
