@@ -252,12 +252,12 @@ def test_rank_bm25_engine_matches_the_reference(mined, queries, tmp_path, small_
 def test_a_whole_run_writes_the_rows_of_the_reference(mined, small_beir, tmp_path, monkeypatch):
     """The final output of a run whose candidates stage is the per-query reference equals the
     output of the module's run (made with the vectorised stage)."""
-    import hardneg.pipeline.runner as runner
+    import hardneg.stages.candidates as candidates  # the plan builds the stage from this module
 
     work = tmp_path / "work"
     shutil.copytree(mined / "work", work, ignore=shutil.ignore_patterns(".lock", ".tmp-*", "candidates-*", "filter-*",
                                                                          "sample-*"))
-    monkeypatch.setattr(runner, "CandidatesStage", _PerQuery)
+    monkeypatch.setattr(candidates, "CandidatesStage", _PerQuery)
     config = MineConfig(beir=small_beir, out=tmp_path / "out", work_dir=work, miners=["dense", "bm25"],
                         positives="best", num_negatives=3, runner="local", max_seq_length=32)
     result = run_mine(config, progress=False)

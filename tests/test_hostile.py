@@ -323,6 +323,7 @@ def check_run(code: int, stderr: str, out: Path) -> None:
 @settings(max_examples=25, **SETTINGS)
 @given(corpus=corpus_lines, queries=query_lines, qrels=qrels_lines(), positives=st.sampled_from(["all", "best"]),
        fmt=st.sampled_from(["n-tuple", "triplet", "labeled-pair", "labeled-list"]), k=st.integers(1, 3))
+@pytest.mark.slow
 def test_hostile_beir_folder_end_to_end(tmp_path, tiny, corpus, queries, qrels, positives, fmt, k):
     root = _fresh(tmp_path)
     beir = make_beir(root / "beir", corpus, queries, qrels)

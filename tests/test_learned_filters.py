@@ -113,6 +113,7 @@ def filter_rows(result) -> list[dict]:
     return read_table(next(s.path for s in result.stages if s.name == "filter")).to_pylist()
 
 
+@pytest.mark.slow
 def test_lexical_duplicate_scores_are_bm25_against_the_positive_text(small_beir, subset_work, tmp_path):
     from hardneg.stages.engines.bm25 import BM25Config, BM25Index
     from hardneg.stages.io import read_table
@@ -131,6 +132,7 @@ def test_lexical_duplicate_scores_are_bm25_against_the_positive_text(small_beir,
     assert dropped == result.stats["decisions"]["lexical_duplicate"] > 0
 
 
+@pytest.mark.slow
 def test_pu_filter_on_cranfield_drops_the_relevant_and_is_deterministic(small_beir, subset_work, tmp_path):
     qrels = ev.read_qrels(small_beir, "test")
     spec = [{"type": "pu", "budget": 0.3}]

@@ -51,6 +51,7 @@ def _png_pixels(data: bytes) -> np.ndarray:
     return matplotlib.image.imread(io.BytesIO(data), format="png")
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_every_plot(report_run, report_html):
     text = report_html.read_text()
     stats = report_run.stats
