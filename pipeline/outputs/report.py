@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from hardneg.pipeline.outputs.card import format_value  # one number format for the card and the report
 from hardneg.pipeline.errors import ReportError, UserError
+from hardneg.pipeline.outputs.reader import OutputFolder
 
 log = logging.getLogger("hardneg")
 
@@ -43,15 +44,7 @@ def load_stats(out: Path) -> dict[str, Any]:
 
 def load_table(out: Path) -> pa.Table:
     """The written dataset as one Arrow table, whichever layout wrote it."""
-    out = Path(out)
-    parquet = sorted((out / "data").glob("*.parquet"))
-    if parquet:
-        import pyarrow.parquet as pq
-
-        return pa.concat_tables([pq.read_table(f) for f in parquet])
-    import datasets
-
-    return datasets.load_from_disk(str(out)).data.table
+    return OutputFolder(out, ReportError).table()
 
 
 def load_rejects(out: Path) -> pa.Table | None:
