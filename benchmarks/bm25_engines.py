@@ -1,4 +1,4 @@
-"""Benchmark the two BM25 engines of stages.bm25_miner on a synthetic Cranfield-based corpus.
+"""Benchmark the two BM25 engines of stages.engines.bm25 on a synthetic Cranfield-based corpus.
 
 The corpus is built by repeating the Cranfield documents. Copy 0 is the original.
 Each later copy drops a seeded random ~10% of the words and gets a per-copy suffix
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hardneg.stages.bm25_miner import BM25Config, BM25Index
+from hardneg.stages.engines.bm25 import BM25Config, BM25Index
 
 CRANFIELD = Path(__file__).resolve().parent.parent / "examples" / "cranfield"
 

@@ -42,7 +42,7 @@ def prepare(folder: Path, n_docs: int, n_queries: int) -> Path:
 
 def ivf_copy(index_dir: Path, target: Path):
     """The same vectors under an IVF index with fp16 codes, searched at nprobe 3."""
-    from hardneg.stages.ann_index import IndexConfig, build_index
+    from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 
     if not (target / "faiss" / "index.json").exists():
         shutil.copytree(index_dir, target, ignore=shutil.ignore_patterns("faiss"), dirs_exist_ok=True)
@@ -54,7 +54,7 @@ def ivf_copy(index_dir: Path, target: Path):
 def compare(work: Path, index_dir: Path, index_config, batches: int, batch_size: int) -> tuple[float, float, int]:
     from test_candidates_vectorised import _PerQuery
 
-    from hardneg.stages.bm25_miner import BM25Config
+    from hardneg.stages.engines.bm25 import BM25Config
     from hardneg.stages.candidates import CandidatesStage
     from hardneg.stages.io import read_table
 
@@ -91,7 +91,7 @@ def main() -> None:
     try:
         work = prepare(folder, opts.docs, opts.queries)
         index_dir = sorted(work.glob("index-*"))[0]
-        from hardneg.stages.ann_index import IndexConfig
+        from hardneg.stages.engines.faiss_index import IndexConfig
         from hardneg.stages.calibrate import calibrated_config
 
         config = IndexConfig(gpu="off")

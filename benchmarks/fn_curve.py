@@ -15,7 +15,7 @@ candidates are computed once and every further run only filters, samples and wri
 
 Figures are given on every query subset:
 * `all`: every judged query (or those listed in `--queries FILE`);
-* `half A`, `half B`: a stable split by a hash of the query id (`hardneg.pipeline.evaluate.query_half`:
+* `half A`, `half B`: a stable split by a hash of the query id (`hardneg.pipeline.outputs.evaluate.query_half`:
   the first byte of sha256(id) even -> A, odd -> B), so any collection splits the same way;
 * `dense`: the queries with at least `--min-relevant` (10) judged-relevant documents, where many
   near neighbours of a query are relevant; with several `--beir`, also pooled over them (the
@@ -64,7 +64,7 @@ FIXED = {"positives": "best", "hide_extra_positives": True, "num_negatives": NUM
 def mine_and_load(beir: Path, work: Path, overrides: dict[str, Any]):
     """Mine one configuration into the shared work dir (cached by fingerprint) and load it for
     eval. The output folder is named by a hash of the configuration."""
-    from hardneg.pipeline import evaluate as ev
+    from hardneg.pipeline.outputs import evaluate as ev
     from hardneg.pipeline.config import MineConfig
     from hardneg.pipeline.runner import Pipeline
 
@@ -77,7 +77,7 @@ def mine_and_load(beir: Path, work: Path, overrides: dict[str, Any]):
 
 
 def query_sets(beir: Path, qrels: dict[str, dict[str, float]], only: set[str] | None, min_relevant: int) -> dict[str, set[str]]:
-    from hardneg.pipeline.evaluate import query_half
+    from hardneg.pipeline.outputs.evaluate import query_half
 
     judged = {q for q, docs in qrels.items() if docs and (only is None or q in only)}
     return {
@@ -91,7 +91,7 @@ def query_sets(beir: Path, qrels: dict[str, dict[str, float]], only: set[str] | 
 def point(loaded_list: list, ids_list: list[set[str]]) -> dict[str, Any]:
     """fn_rate, rank figures and coverage of one configuration over (collection, queries) parts,
     pooled: counts are summed and ranks concatenated, so every negative weighs the same."""
-    from hardneg.pipeline.evaluate import rank_figures
+    from hardneg.pipeline.outputs.evaluate import rank_figures
 
     negatives = fn = judged = covered = 0
     ranks: list[int] = []

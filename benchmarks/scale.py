@@ -40,7 +40,7 @@ def zipf_vocabulary(vocab: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
     """Words by frequency rank and their probabilities under Zipf's law (p ~ 1/rank, as in
     natural language). The most frequent words are BM25's English stopwords, so the tokenizer
     drops them as it drops "the" and "of" from real text (a third of the tokens)."""
-    from hardneg.stages.bm25_miner import _stopword_set
+    from hardneg.stages.engines.bm25 import _stopword_set
 
     stopwords = sorted(_stopword_set("en"))
     words = np.array(stopwords + [f"w{rank}" for rank in range(len(stopwords), vocab)], dtype=object)
@@ -152,7 +152,7 @@ def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[s
 def recall_at_100(work: Path, inputs: dict[str, Path], n: int = 200) -> tuple[float, str]:
     import faiss
 
-    from hardneg.stages.ann_index import AnnIndex, IndexConfig
+    from hardneg.stages.engines.faiss_index import AnnIndex, IndexConfig
     from hardneg.stages.calibrate import calibrated_config
 
     index_dir = next((work / "work").glob("index-*"))

@@ -41,8 +41,8 @@ def build(folder: Path, n_docs: int, n_queries: int = 256, seed: int = 0):
 
     from benchmarks.scale import zipf_texts
     from hardneg import schemas
-    from hardneg.stages.ann_index import IndexConfig, build_index
-    from hardneg.stages.bm25_miner import BM25Config, BM25Index
+    from hardneg.stages.engines.faiss_index import IndexConfig, build_index
+    from hardneg.stages.engines.bm25 import BM25Config, BM25Index
     from hardneg.stages.io import ShardWriter
 
     rng = np.random.default_rng(seed)
@@ -89,8 +89,8 @@ class Probe:
         import psutil
 
         # The libraries first: `before` is the worker's memory without an index.
-        import hardneg.stages.ann_index  # noqa: F401
-        import hardneg.stages.bm25_miner  # noqa: F401
+        import hardneg.stages.engines.faiss_index  # noqa: F401
+        import hardneg.stages.engines.bm25  # noqa: F401
 
         self.before = psutil.Process().memory_full_info().uss
         self.stage = stage

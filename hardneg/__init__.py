@@ -34,7 +34,7 @@ from hardneg.pipeline.config import MineConfig  # noqa: E402
 # Loaded on first use, so `import hardneg` stays light.
 _LAZY = {
     "mine_hard_negatives": ("hardneg.pipeline.st_compat", "mine_hard_negatives"),  # sentence-transformers' drop-in
-    "evaluate": ("hardneg.pipeline.evaluate", "evaluate"),  # `hardneg eval` as a function
+    "evaluate": ("hardneg.pipeline.outputs.evaluate", "evaluate"),  # `hardneg eval` as a function
 }
 
 

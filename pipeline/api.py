@@ -14,22 +14,21 @@ from hardneg.pipeline.runner import Pipeline, RunResult
 
 
 def run_mine(config: MineConfig, *, progress: bool = True) -> RunResult:
-    return Pipeline(config, progress=progress).run()
+    from hardneg.pipeline.outputs.card import write_card
+
+    return Pipeline(config, progress=progress, write_card=write_card).run()
 
 
 def mine(config: MineConfig | str | Path | None = None, *, progress: bool = False, **keys: Any):
     """Mine hard negatives and return the output as a `datasets.Dataset`.
 
     `config` may be a MineConfig or a YAML file; keyword arguments are config keys and win."""
-    import datasets
-
     keys = canonical_keys(keys)  # sentence-transformers' names (output_format, batch_size, ...) too
     if isinstance(config, MineConfig):
         cfg = config.model_copy(update=keys)
         cfg = MineConfig(**cfg.model_dump())
     else:
         cfg = build_config(Path(config) if config is not None else None, keys)
-    result = run_mine(cfg, progress=progress)
-    if cfg.layout == "hub":
-        return datasets.load_dataset(str(result.out), split="train")
-    return datasets.load_from_disk(str(result.out))
+    from hardneg.pipeline.outputs.reader import OutputFolder
+
+    return OutputFolder(run_mine(cfg, progress=progress).out).dataset()

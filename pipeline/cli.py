@@ -28,7 +28,7 @@ def _root() -> None:
 def _setup_logging(level: str, quiet: bool) -> None:
     """The terminal shows hardneg's stage lines, its progress bars and the summary; libraries'
     own bars and notices (weights loading, dataset saving, Ray's reports) only with
-    `--log-level debug`. Ray's log lines go to a file in the work dir (pipeline/ray_exec.py)."""
+    `--log-level debug`. Ray's log lines go to a file in the work dir (pipeline/executors/ray.py)."""
     debug = level.lower() == "debug"
     if not debug:
         # Before transformers/datasets are imported (here and in Ray workers, which inherit HF_*).
@@ -41,7 +41,7 @@ def _setup_logging(level: str, quiet: bool) -> None:
         for noisy in ("sentence_transformers", "transformers", "datasets", "ray", "faiss", "bm25s", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         # The index builder's per-shard timings: detail for debugging, not a stage line.
-        logging.getLogger("hardneg.stages.ann_index").setLevel(logging.WARNING)
+        logging.getLogger("hardneg.stages.engines.faiss_index").setLevel(logging.WARNING)
 
 
 MINE_HELP = "Mine hard negatives into a Hugging Face dataset.\n\nEvery config key (YAML or --set key=value):\n\n" + "\n\n".join(
@@ -77,7 +77,7 @@ def mine(
 ) -> None:
     _setup_logging(log_level, quiet)
     from hardneg.pipeline.api import run_mine
-    from hardneg.pipeline.summary import print_summary
+    from hardneg.pipeline.outputs.summary import print_summary
 
     overrides = dict(beir=beir, pairs=pairs, corpus=corpus, out=out, num_negatives=num_negatives, format=format,
                      positives=positives, hide_extra_positives=hide_extra_positives, split=split, miners=miners,
@@ -87,7 +87,7 @@ def mine(
         overrides["layout"] = "hub"
     cfg = build_config(config, overrides, set_)
     if push_to_hub:
-        from hardneg.pipeline.card import check_push
+        from hardneg.pipeline.outputs.card import check_push
 
         if cfg.layout != "hub":
             raise ConfigError("--push-to-hub uploads the hub layout: drop --layout disk")
@@ -97,7 +97,7 @@ def mine(
     log.debug("computed stages: %s", ", ".join(result.computed) or "none")
     print_summary(result)
     if push_to_hub:
-        from hardneg.pipeline.card import PushError, push_to_hub as push
+        from hardneg.pipeline.outputs.card import PushError, push_to_hub as push
 
         try:
             log.info("pushed %s to %s", result.out, push(result.out, push_to_hub))
@@ -123,7 +123,7 @@ def eval_(
                         ("TRANSFORMERS_VERBOSITY", "error")):
         os.environ.setdefault(name, value)  # eval shows no progress bars: only its tables
     _setup_logging(log_level, quiet)
-    from hardneg.pipeline.evaluate import EvalError, evaluate, print_report
+    from hardneg.pipeline.outputs.evaluate import EvalError, evaluate, print_report
     from hardneg.pipeline.store import write_json_atomic
 
     query_ids = None
@@ -148,7 +148,7 @@ def export_(
 ) -> None:
     """Write a mined dataset as another trainer's training data (JSON lines)."""
     _setup_logging(log_level, False)
-    from hardneg.pipeline.export import export
+    from hardneg.pipeline.outputs.export import export
 
     rows = export(out, to, out_file)
     print(f"wrote {rows} rows to {out_file}")
@@ -223,7 +223,7 @@ def report(
     """An HTML page (plots inline) of a mined output: scores, filter decisions, negatives per
     query, rejects and, with --beir, the evaluation."""
     _setup_logging(log_level, False)
-    from hardneg.pipeline.report import write_report
+    from hardneg.pipeline.outputs.report import write_report
 
     print(f"wrote {write_report(out, html, beir=beir)}")
 

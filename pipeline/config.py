@@ -11,8 +11,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hardneg.pipeline.errors import ConfigError
-from hardneg.stages.ann_index import IndexConfig
-from hardneg.stages.bm25_miner import BM25Config
+from hardneg.stages.engines.faiss_index import IndexConfig
+from hardneg.stages.engines.bm25 import BM25Config
 from hardneg.stages.models import DEFAULT_MODEL
 
 Format = Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"]
@@ -179,10 +179,11 @@ class MineConfig(BaseModel):
         for source in self.quotas or {}:
             if source not in self.miners:
                 raise ValueError(f"quotas.{source}: {source} is not among the miners ({','.join(self.miners)})")
-        from hardneg.stages.filters import FilterSpecError, specs_from_config
+        from hardneg.pipeline.errors import FilterSpecError
+        from hardneg.stages.filters import specs_from_config
 
         try:
-            specs = specs_from_config(self)
+            specs = specs_from_config(self.filter_chain())
         except FilterSpecError as err:
             raise ValueError(str(err)) from None
         for spec in specs:
@@ -191,6 +192,17 @@ class MineConfig(BaseModel):
             if spec["type"] == "agreement" and len(self.miners) < 2:
                 raise ValueError(f"filter {spec['name']} needs two miners (miners: dense,bm25)")
         return self
+
+    # The typed parts each stage reads: a stage never sees the whole run's config.
+    def ingest_config(self):
+        from hardneg.stages.ingest import IngestConfig
+
+        return IngestConfig.of(self)
+
+    def filter_chain(self):
+        from hardneg.stages.filters import FilterChainConfig
+
+        return FilterChainConfig.of(self)
 
     def check_inputs(self, require_out: bool = True) -> None:
         """Checks the model validators cannot do (files exist, one source given, the machine has
@@ -211,7 +223,7 @@ class MineConfig(BaseModel):
             if path is not None:
                 check_table_format(Path(path), what)
         if self.index.gpu == "on":
-            from hardneg.stages.ann_index import gpu_available
+            from hardneg.stages.engines.faiss_index import gpu_available
 
             if not gpu_available():
                 raise ConfigError("index.gpu=on but faiss sees no usable GPU (it needs faiss-gpu and a visible CUDA "

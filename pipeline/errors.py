@@ -47,6 +47,15 @@ class PushError(UserError, RuntimeError):
     """An upload to the Hub failed; the output on disk is complete."""
 
 
+class FilterSpecError(ValueError):
+    """A filter spec that cannot be used (unknown type or key, value out of range); the config's
+    validation turns it into one line."""
+
+
+class WorkerError(RuntimeError):
+    """A Ray worker failed in a way that is not the input's or the model's fault."""
+
+
 class AccountingError(RuntimeError):
     """input pairs != output pairs + rejected pairs: a bug in hardneg, never the user's."""
 

@@ -9,19 +9,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hardneg.pipeline.config import ConfigError, MineConfig
-from hardneg.pipeline.store import CODE_VERSION, FileLock, WorkDir, commit_dir, fingerprint, write_json_atomic
-from hardneg.stages.base import GlobalStage, MapStage, StageResult
-from hardneg.stages.calibrate import CalibrateStage, calibrated_config, needs_calibration
-from hardneg.stages.candidates import CandidatesStage
-from hardneg.stages.embed import EmbedStage, default_threads
-from hardneg.stages.filters import FilterStage, reads_bm25, specs_from_config
-from hardneg.stages.index import IndexStage
-from hardneg.stages.ingest import IngestStage
+from hardneg.pipeline.plan import Machine, Node, index_plan, mine_plan
+from hardneg.pipeline.store import (CODE_VERSION, FileLock, WorkDir, commit_dir, default_work_dir, fingerprint,
+                                    write_json_atomic)
+from hardneg.stages.base import MapStage, StageResult
+from hardneg.stages.embed import default_threads
 from hardneg.stages.models import check_model, pick_backend, pick_device, pick_precision
-from hardneg.stages.sample import SampleStage
 from hardneg.stages.write import WriteStage
 
 log = logging.getLogger("hardneg")
@@ -41,6 +37,36 @@ class RunResult:
     @property
     def computed(self) -> list[str]:
         return [s.name for s in self.stages if not s.reused]
+
+
+@dataclass
+class _Done:
+    """The nodes a run has resolved so far: their stages and results."""
+
+    results: dict[str, StageResult] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
+    built: dict[str, Any] = field(default_factory=dict)  # stages built ahead (see _prepare_models)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, stage, result: StageResult) -> None:
+        self.stages[name], self.results[name] = stage, result
+
+    def resolve(self, node: Node) -> tuple[dict[str, Path], list[str]]:
+        """The node's input folders and its upstream fingerprints, in declaration order. An
+        input whose node was skipped (its `when`) is absent; a part ("ingest/corpus") is a
+        subfolder, keyed by the part's own fingerprint where its stage declares a narrower one."""
+        inputs: dict[str, Path] = {}
+        upstream: list[str] = []
+        for name, ref in node.inputs.items():
+            source, _, part = ref.partition("/")
+            if source not in self.results:
+                continue
+            result = self.results[source]
+            inputs[name] = result.path / part if part else result.path
+            if name not in node.covered:
+                narrower = self.stages[source].part_fingerprint(part) if part else None
+                upstream.append(narrower or result.fingerprint)
+        return inputs, upstream
 
 
 def _test_pause(stage: str) -> None:
@@ -125,14 +151,14 @@ def clean_output_temps(out: Path) -> int:
     return removed
 
 
-def default_work_dir(out: Path) -> Path:
-    return Path(out).resolve().parent / ".hardneg-work"
-
-
 class Pipeline:
-    def __init__(self, config: MineConfig, *, progress: bool = True, require_out: bool = True) -> None:
+    def __init__(self, config: MineConfig, *, progress: bool = True, require_out: bool = True,
+                 write_card: Callable[[Path, MineConfig, dict], Any] | None = None) -> None:
         config.check_inputs(require_out=require_out)
         self.config = config
+        # The hub layout's dataset card (outputs/card.py) is a reader of finished outputs: it is
+        # handed in (run_mine does), so orchestration never imports what reads its outputs.
+        self.write_card = write_card
         self.out = resolve_output(Path(config.out)) if config.out else None
         if config.work_dir:
             self.work = WorkDir(Path(config.work_dir))
@@ -146,24 +172,24 @@ class Pipeline:
         self.backend = pick_backend(config.embed_backend, self.device, self.precision)
         self.threads = config.threads or default_threads()
         if config.runner == "ray":
-            from hardneg.pipeline.ray_exec import RayExecutor
+            from hardneg.pipeline.executors.ray import RayExecutor
 
             # Ray's own log lines go to a file in the work dir (a failure message names it).
             self.executor = RayExecutor(config.ray_address, progress, log_file=self.work.root / ".ray.log")
         else:
-            from hardneg.pipeline.local import LocalExecutor
+            from hardneg.pipeline.executors.local import LocalExecutor
 
             self.executor = LocalExecutor(progress)
         self.results: list[StageResult] = []
 
     # ------------------------------------------------------------------ running stages
     @staticmethod
-    def _fingerprint(stage, upstream: list[StageResult | str]) -> tuple[str, list[str]]:
-        upstream = [u if isinstance(u, str) else u.fingerprint for u in upstream]
-        return fingerprint(stage.name, stage.version, stage.fingerprint_config(), upstream), upstream
+    def _fingerprint(stage, upstream: list[str]) -> str:
+        return fingerprint(stage.name, stage.version, stage.fingerprint_config(), upstream)
 
-    def _run(self, stage, upstream: list[StageResult | str], inputs: dict[str, Path], *, map_input: Path | None = None, in_process: bool = False) -> StageResult:
-        fp, upstream = self._fingerprint(stage, upstream)
+    def _run(self, stage, upstream: list[str], inputs: dict[str, Path], *, map_input: Path | None = None) -> StageResult:
+        """Reuse the stage's output if the work dir has its fingerprint, else compute and commit it."""
+        fp = self._fingerprint(stage, upstream)
         if self.work.is_done(stage.name, fp):
             result = StageResult(stage.name, self.work.path(stage.name, fp), fp, reused=True,
                                  info=self.work.manifest(stage.name, fp).get("info", {}))
@@ -174,8 +200,9 @@ class Pipeline:
             try:
                 if isinstance(stage, MapStage):
                     executor = self.executor
-                    if in_process and self.executor.name != "local":
-                        from hardneg.pipeline.local import LocalExecutor
+                    # A cheap per-query stage runs in the driver: re-tuning it never starts Ray.
+                    if stage.in_process and self.executor.name != "local":
+                        from hardneg.pipeline.executors.local import LocalExecutor
 
                         executor = LocalExecutor(self.progress)
                     rows = executor.run_map(stage, map_input, tmp)
@@ -214,17 +241,13 @@ class Pipeline:
             finally:
                 self.executor.close()
 
-    def _embed(self, label: str, prompt: str | None, id_column: str, keep: bool) -> EmbedStage:
-        c = self.config
-        return EmbedStage(
-            model=c.model, id_column=id_column, text_column="text", prompt=prompt, max_seq_length=c.max_seq_length,
-            precision=self.precision, device=self.device, backend=self.backend, micro_batch_size=c.embed_batch_size, threads=self.threads,
-            keep_columns=keep, trust_remote_code=c.trust_remote_code, max_workers=c.workers, label=label,
-        )
+    @property
+    def machine(self) -> Machine:
+        return Machine(device=self.device, precision=self.precision, backend=self.backend, threads=self.threads)
 
     def _run_all(self) -> RunResult:
-        ingest, queries, index, corpus_fp = self._embed_and_index()
-        return self._mine(ingest, queries, index, corpus_fp)
+        done = self._execute(mine_plan(self.config, self.machine))
+        return RunResult(self.out, self.work.root, self.results, done.stats)
 
     def run_until_index(self) -> dict[str, StageResult]:
         """Ingest, embed and index only (cached like any run): for eval and benchmarks."""
@@ -232,113 +255,57 @@ class Pipeline:
             self.work.clean_temps()
             check_model(self.config.model, "embedding")
             try:
-                ingest, queries, index, _ = self._embed_and_index()
+                nodes = index_plan(self.config, self.machine)
+                done = self._execute(nodes)
             finally:
                 self.executor.close()
-        return {"ingest": ingest, "queries": queries, "index": index}
+        return {"ingest": done.results["ingest"], "queries": done.results[nodes[1].name],
+                "index": done.results["index"]}
 
-    def _embed_and_index(self):
-        c = self.config
-        ingest_stage = IngestStage(c)
-        corpus_fp = ingest_stage.corpus_fingerprint()
-        embed_queries = None if c.query_embeddings is not None else self._embed("embed_queries", c.query_prompt, "query_id", keep=True)
-        embed_corpus = None if c.corpus_embeddings is not None else self._embed("embed_corpus", c.corpus_prompt, "doc_id", keep=False)
-        # Start the model workers now, so they load while ingest runs: fingerprints are known
-        # before ingest computes anything, and a stage already in the work dir starts nothing.
-        ingest_fp, _ = self._fingerprint(ingest_stage, [])
-        todo = [stage for stage, up in ((embed_queries, ingest_fp), (embed_corpus, corpus_fp))
-                if stage is not None and not self.work.is_done(stage.name, self._fingerprint(stage, [up])[0])]
+    def _execute(self, nodes: list[Node]) -> _Done:
+        """Run the plan's nodes in order; every input folder and upstream fingerprint comes from
+        the nodes' declarations."""
+        done = _Done()
+        self._prepare_models(nodes, done)
+        for node in nodes:
+            inputs, upstream = done.resolve(node)
+            if node.when is not None and not node.when(inputs):
+                continue
+            stage = done.built.pop(node.name, None) or node.build(inputs)
+            if node.final:
+                done.stats = self._write_output(stage, upstream, inputs)
+                continue
+            result = self._run(stage, upstream, inputs, map_input=inputs.get(node.rows) if node.rows else None)
+            if node.check is not None:
+                node.check(result)
+            done.add(node.name, stage, result)
+        return done
+
+    def _prepare_models(self, nodes: list[Node], done: _Done) -> None:
+        """Start the model workers of the stages that read only stages without inputs (the
+        embeddings of ingest's tables), so they load while ingest runs: their fingerprints are
+        known before ingest computes anything, and a stage already in the work dir starts nothing."""
+        by_name = {node.name: node for node in nodes}
+        roots = {node.name for node in nodes if not node.inputs and node.when is None}
+        predicted = _Done()
+        for name in roots:
+            stage = by_name[name].build({})
+            done.built[name] = stage  # built once: ingest hashes its input files
+            fp = self._fingerprint(stage, [])
+            predicted.add(name, stage, StageResult(name, self.work.path(stage.name, fp), fp, reused=True))
+        todo = []
+        for node in nodes:
+            if node.inputs and set(node.sources()) <= roots and node.when is None:
+                stage = node.build(predicted.resolve(node)[0])
+                if isinstance(stage, MapStage) and stage.stateful and not self.work.is_done(
+                        stage.name, self._fingerprint(stage, predicted.resolve(node)[1])):
+                    todo.append(stage)
         self.executor.prepare(todo)
-        ingest = self._run(ingest_stage, [], {})
-        ingest_dir = ingest.path
-        # An empty corpus first: it is the cause when every judgement points at a missing document.
-        if ingest.info.get("corpus_rows", 0) == 0:
-            raise ConfigError("the corpus is empty: no document survived ingest")
-        if ingest.info.get("pairs", 0) == 0:
-            raise ConfigError("no usable pairs in the input (rejects by reason: "
-                              + ", ".join(f"{k}={v}" for k, v in ingest.info.get("rejects", {}).items()) + ")")
 
-        if c.query_embeddings is not None:
-            from hardneg.stages.precomputed import PrecomputedQueryVectors
-
-            queries = self._run(PrecomputedQueryVectors(Path(c.query_embeddings)), [ingest], {},
-                                map_input=ingest_dir / "queries", in_process=True)
-        else:
-            queries = self._run(embed_queries, [ingest], {}, map_input=ingest_dir / "queries")
-        if c.corpus_embeddings is not None:
-            from hardneg.stages.precomputed import PrecomputedEmbeddings
-
-            corpus = self._run(PrecomputedEmbeddings(Path(c.corpus_embeddings)), [], {})
-        else:
-            corpus = self._run(embed_corpus, [corpus_fp], {}, map_input=ingest_dir / "corpus")
-        if c.index.index != "auto":  # parsed at config time; now with the vectors' real size
-            from hardneg.pipeline.config import check_factory_string
-            from hardneg.stages.index import embedding_dim
-
-            check_factory_string(c.index.index, (embedding_dim(corpus.path),))
-        index = self._run(IndexStage(c.index), [corpus_fp, corpus],
-                          {"corpus": ingest_dir / "corpus", "embeddings": corpus.path})
-        return ingest, queries, index, corpus_fp
-
-    def _mine(self, ingest: StageResult, queries: StageResult, index: StageResult, corpus_fp: str) -> RunResult:
-        c = self.config
-        ingest_dir = ingest.path
-        bm25 = None
-        upstream = [queries, index]
-        # BM25 mines candidates (a miner) or only scores the dense ones (a filter reads bm25).
-        score_bm25 = reads_bm25(c)
-        if "bm25" in c.miners or score_bm25:
-            from hardneg.stages.bm25_miner import BM25IndexStage
-
-            bm25 = self._run(BM25IndexStage(c.bm25), [corpus_fp], {"corpus": ingest_dir / "corpus"})
-            upstream.append(bm25)
-        index_config = c.index
-        if needs_calibration(c.index, index.path):
-            calibration = self._run(CalibrateStage(c.index, k=c.range_max, seed=c.seed), [index, queries],
-                                    {"index": index.path, "queries": queries.path})
-            index_config = calibrated_config(c.index, calibration.path)
-            upstream.append(calibration)
-        candidates = self._run(
-            CandidatesStage(miners=c.miners, range_max=c.range_max, rrf_k=c.rrf_k, index_dir=index.path,
-                            index_config=index_config, bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25,
-                            threads=self.threads, max_workers=c.workers, score_bm25=score_bm25),
-            upstream, {}, map_input=queries.path,
-        )
-        specs = specs_from_config(c)
-        scored = candidates
-        if c.cross_encoder:
-            from hardneg.stages.rerank import RerankStage
-
-            scored = self._run(
-                RerankStage(model=c.cross_encoder, specs=specs, batch_size=c.ce_batch_size, max_length=c.ce_max_length,
-                            device=self.device, threads=self.threads, trust_remote_code=c.trust_remote_code,
-                            max_workers=c.workers, corpus_dir=ingest_dir / "corpus"),
-                [candidates], {}, map_input=candidates.path,
-            )
-        # Filtering and sampling are cheap per query: they run in-process, so re-tuning a
-        # threshold never starts Ray or a model worker.
-        filtered = self._run(FilterStage(specs, seed=c.seed, fit_input=scored.path, false_negatives=c.false_negatives,
-                                         bm25_dir=bm25.path if bm25 else None, bm25_config=c.bm25, corpus_dir=ingest_dir / "corpus"),
-                             [scored] + ([bm25] if bm25 else []), {}, map_input=scored.path, in_process=True)
-        sampled = self._run(
-            SampleStage(num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,
-                        temperature=c.temperature, mmr_lambda=c.mmr_lambda, index_dir=index.path,
-                        consistency_top_k=c.consistency_top_k, consistency_min_score=c.consistency_min_score,
-                        quotas=c.quotas, relabel=c.false_negatives == "relabel"),
-            [filtered], {}, map_input=filtered.path, in_process=True,
-        )
-        write = WriteStage(format=c.format, num_negatives=c.num_negatives, metadata_columns=c.metadata_columns, layout=c.layout,
-                           relabel=c.false_negatives == "relabel")
-        stats = self._write_output(write, [ingest, filtered, sampled], {
-            "mined": sampled.path, "filtered": filtered.path, "corpus": ingest_dir / "corpus",
-            "rejects": ingest_dir / "rejects", "pairs": ingest_dir / "pairs",
-        })
-        return RunResult(self.out, self.work.root, self.results, stats)
-
-    def _write_output(self, stage: WriteStage, upstream: list[StageResult], inputs: dict[str, Path]) -> dict[str, Any]:
+    def _write_output(self, stage: WriteStage, upstream: list[str], inputs: dict[str, Path]) -> dict[str, Any]:
         """The output folder is not in the work dir but follows the same rules: rebuilt only when
         its fingerprint changed, and replaced atomically."""
-        fp = fingerprint(stage.name, stage.version, stage.fingerprint_config(), [u.fingerprint for u in upstream])
+        fp = self._fingerprint(stage, upstream)
         manifest = self.out / "hardneg.json"
         if manifest.is_file():
             import json
@@ -360,10 +327,8 @@ class Pipeline:
             stats["stages"] = {r.name: {"reused": r.reused, "seconds": round(r.seconds, 3), "path": str(r.path)} for r in self.results}
             stats["config"] = self.config.model_dump(mode="json")
             write_json_atomic(tmp / "stats.json", stats)
-            if self.config.layout == "hub":
-                from hardneg.pipeline.card import write_card
-
-                write_card(tmp, self.config, stats)
+            if self.config.layout == "hub" and self.write_card is not None:
+                self.write_card(tmp, self.config, stats)
             _test_pause(stage.name)
             commit_dir(tmp, self.out, {"fingerprint": fp, "stats": stats, "code_version": CODE_VERSION,
                                        "files": output_files(tmp)}, name=manifest.name)

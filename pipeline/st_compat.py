@@ -37,7 +37,7 @@ FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 PRECISIONS = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 
-def mine_hard_negatives(
+def mine_hard_negatives(  # long: the signature is sentence-transformers', argument for argument (37 lines)
     dataset,
     model,
     anchor_column_name: str | None = None,

@@ -35,6 +35,11 @@ def fingerprint(stage_name: str, stage_version: str, config: dict[str, Any], ups
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def default_work_dir(out: Path) -> Path:
+    """Where a run caches its stages when no work dir is given: beside the output, never in it."""
+    return Path(out).resolve().parent / ".hardneg-work"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as handle:

@@ -40,14 +40,22 @@ class Stage:
         """Everything that changes this stage's output besides its inputs."""
         return {}
 
+    def part_fingerprint(self, part: str) -> str | None:
+        """A subfolder of this stage's output whose identity is narrower than the whole output
+        (stages that read only it are keyed by it); None: the whole output's fingerprint."""
+        return None
+
     def describe(self) -> str:
         return json.dumps(self.fingerprint_config(), sort_keys=True, default=str)
 
 
 class MapStage(Stage):
     resources: Resources = Resources()
-    # Model stages run on a pool of long-lived workers (Ray actors) so the model loads once each.
+    # Where it runs, declared here only. Model stages run on a pool of long-lived workers (Ray
+    # actors) so the model loads once each; a cheap per-query stage runs in the driver, so
+    # re-tuning it never starts Ray or a model worker; the rest go to the run's executor.
     stateful: bool = False
+    in_process: bool = False
 
     def __init__(self) -> None:
         self._ready = False

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from hardneg.stages.ann_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
+from hardneg.stages.engines.faiss_index import CALIBRATION_TARGET, IndexConfig, calibrate_on_queries, open_search_param
 from hardneg.stages.base import GlobalStage
-from hardneg.stages.io import VectorFile, count_rows, iter_batches
+from hardneg.stages.io import VectorFile, count_rows, embedding_matrix, iter_batches
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -42,8 +42,7 @@ class CalibrateStage(GlobalStage):
         for batch in iter_batches(inputs["queries"], 4096, columns=["embedding"]):
             local = wanted[(wanted >= seen) & (wanted < seen + batch.num_rows)] - seen
             if len(local):
-                flat = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                picked.append(flat.reshape(batch.num_rows, -1)[local])
+                picked.append(embedding_matrix(batch)[local])
             seen += batch.num_rows
         queries = np.concatenate(picked).astype(np.float32) if picked else np.zeros((0, 1), np.float32)
         index_dir = Path(inputs["index"])

@@ -216,7 +216,7 @@ class CandidatesStage(MapStage):
         return {"miners": self.miners, "range_max": self.range_max, "rrf_k": self.rrf_k, "score_bm25": self.score_bm25}
 
     def setup(self) -> None:
-        from hardneg.stages.ann_index import AnnIndex
+        from hardneg.stages.engines.faiss_index import AnnIndex
 
         index_dir = Path(self.index_dir)
         self._vectors = VectorFile(index_dir / "vectors.npy")
@@ -231,7 +231,7 @@ class CandidatesStage(MapStage):
         self._bm25 = None
         self._bm25_rows = None  # BM25 row -> index row, None when both list the corpus alike
         if self.score_bm25:
-            from hardneg.stages.bm25_miner import BM25Index
+            from hardneg.stages.engines.bm25 import BM25Index
 
             # Memory-mapped: the workers of one machine share the matrix's pages.
             self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config, mmap=True)
@@ -446,7 +446,7 @@ def _masked(q: np.ndarray, rows: np.ndarray, mask_keys: np.ndarray, n_docs: int)
 def search_device(faiss_dir: Path, index_config) -> str:
     """Where the candidates workers' index search runs: "gpu" when the config allows a GPU
     (`index.gpu` on, or auto with a usable GPU here) and the index type has a faiss GPU version."""
-    from hardneg.stages.ann_index import gpu_capable, gpu_available
+    from hardneg.stages.engines.faiss_index import gpu_capable, gpu_available
 
     gpu = getattr(index_config, "gpu", "off")
     if gpu == "off" or (gpu == "auto" and not gpu_available()):

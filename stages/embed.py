@@ -8,7 +8,7 @@ on a cluster. With OpenVINO and with torch's bf16 kernels it does not even depen
 torch's fp32 kernels on some CPUs (AVX512) round a row differently with the number of rows
 beside it, in the last bits.
 
-Engines: torch, or OpenVINO for the transformer on CPUs with native bf16 (`openvino_engine.py`).
+Engines: torch, or OpenVINO for the transformer on CPUs with native bf16 (`engines/openvino.py`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class EmbedStage(MapStage):
         self._model, self._transformer = _MODELS[key]
 
     def _openvino(self, model):
-        from hardneg.stages.openvino_engine import OpenVINOTransformer
+        from hardneg.stages.engines.openvino import OpenVINOTransformer
 
         names = list(model.tokenizer("hardneg").keys())  # the features the transformer is fed
         return OpenVINOTransformer(model[0].auto_model, model_fingerprint(self.model), names,

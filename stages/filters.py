@@ -55,13 +55,14 @@ decisions do not depend on batching; every sample is seeded by (seed, query id).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from hardneg.pipeline.errors import FilterSpecError
 from hardneg.stages.base import MapStage, Resources
 
 log = logging.getLogger("hardneg")
@@ -93,8 +94,21 @@ RELABEL = "relabel:"  # decision prefix of a candidate a filter judged relevant 
 ST_KEYS = ("range_min", "max_score", "min_score", "absolute_margin", "relative_margin")
 
 
-class FilterSpecError(ValueError):
-    pass
+@dataclass(frozen=True)
+class FilterChainConfig:
+    """What the filter chain reads of a run's config (`MineConfig.filter_chain()`); validated there."""
+
+    score: str = "dense"
+    range_min: int = 0
+    max_score: float | None = None
+    min_score: float | None = None
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    filters: tuple = ()
+
+    @classmethod
+    def of(cls, config) -> "FilterChainConfig":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 def _number(value: Any, where: str, *, integer: bool = False) -> float | int:
@@ -156,8 +170,8 @@ def normalize_spec(spec: dict[str, Any], default_score: str = "dense", taken: se
     return out
 
 
-def specs_from_config(config) -> list[dict[str, Any]]:
-    """The filter chain of a MineConfig: the sentence-transformers keys first (in their order),
+def specs_from_config(config: FilterChainConfig) -> list[dict[str, Any]]:
+    """The filter chain of a config (a FilterChainConfig, or any object with its keys): the sentence-transformers keys first (in their order),
     then the `filters` list in its order."""
     taken: set[str] = set()
     specs: list[dict[str, Any]] = []
@@ -172,7 +186,7 @@ def specs_from_config(config) -> list[dict[str, Any]]:
     return specs
 
 
-def reads_bm25(config) -> bool:
+def reads_bm25(config: FilterChainConfig) -> bool:
     """Whether the config reads BM25 scores (its `score` or a filter): the candidates stage then
     scores every candidate with BM25, even when BM25 is not one of the miners."""
     return config.score == "bm25" or any(spec["score"] == "bm25" for spec in specs_from_config(config))
@@ -368,7 +382,7 @@ class PositiveLexicon:
     read in one scan of the corpus."""
 
     def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids: set[str]) -> None:
-        from hardneg.stages.bm25_miner import BM25Index
+        from hardneg.stages.engines.bm25 import BM25Index
         from hardneg.stages.io import iter_batches
 
         self.index = BM25Index.load(Path(bm25_dir), bm25_config)
@@ -423,6 +437,7 @@ def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str 
 class FilterStage(MapStage):
     name = "filter"
     version = "3"
+    in_process = True  # cheap per query: runs in the driver
 
     def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024, *, seed: int = 12,
                  fit_input: Path | None = None, false_negatives: str = "drop", bm25_dir: Path | None = None,

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hardneg.stages.ann_index import IndexConfig, build_index
+from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 from hardneg.stages.base import GlobalStage
 from hardneg.stages.candidates import DocIds
-from hardneg.stages.io import ShardWriter, iter_batches, parquet_files, release_pages
+from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, parquet_files, release_pages
 
 
 class IndexStage(GlobalStage):
@@ -58,8 +58,7 @@ def write_vectors(embeddings: Path, row_of: DocIds, path: Path) -> np.memmap:
     filled = np.zeros(len(row_of), dtype=bool)
     for batch in iter_batches(embeddings, 65_536):
         rows = row_of.rows(batch.column("id").combine_chunks())
-        values = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        values = values.reshape(-1, dim)
+        values = embedding_matrix(batch, dim)
         known = rows >= 0  # vectors of ids outside the corpus are not needed
         matrix[rows[known]] = values[known]
         filled[rows[known]] = True

@@ -14,7 +14,7 @@ import io
 import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -231,12 +231,39 @@ class _Collected:
     doc_texts: dict[str, set[str]] | None = None
 
 
+@dataclass(frozen=True)
+class IngestConfig:
+    """What ingest reads of a run's config (`MineConfig.ingest_config()`); validated there."""
+
+    beir: Path | None = None
+    pairs: Path | None = None
+    corpus: Path | None = None
+    split: str = "test"
+    positives: str = "all"
+    hide_extra_positives: bool = False
+    query_column: str | None = None
+    positive_column: str | None = None
+    query_id_column: str | None = None
+    positive_id_column: str | None = None
+    corpus_id_column: str = "_id"
+    corpus_text_column: str = "text"
+
+    @classmethod
+    def of(cls, config) -> "IngestConfig":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
 class IngestStage(GlobalStage):
     name = "ingest"
     version = "1"
 
-    def __init__(self, config) -> None:
-        self.config = config
+    def __init__(self, config: IngestConfig) -> None:
+        # A whole MineConfig is accepted too (scripts and tests): ingest keeps only its part.
+        self.config = config if isinstance(config, IngestConfig) else IngestConfig.of(config)
+
+    def part_fingerprint(self, part: str) -> str | None:
+        """The corpus table has a narrower identity than the whole ingest (see below)."""
+        return self.corpus_fingerprint() if part == "corpus" else None
 
     def _input_hashes(self) -> dict[str, str]:
         if not hasattr(self, "_hashes"):

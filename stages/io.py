@@ -33,6 +33,15 @@ def read_table(directory: Path, schema: pa.Schema | None = None, columns: list[s
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
 
 
+def embedding_matrix(table: pa.Table, dim: int | None = None, column: str = "embedding") -> np.ndarray:
+    """A list<float> column (a batch's vectors) as an (n, dim) matrix, with no Python object per
+    value: the one place vectors leave Arrow."""
+    if table.num_rows == 0:  # numpy cannot infer a width from no values
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, dim) if dim is not None else flat.reshape(table.num_rows, -1)
+
+
 def release_pages(array: np.ndarray) -> None:
     """Drop the pages of a memory-mapped array from this process's resident set.
 

@@ -144,7 +144,7 @@ def pick_backend(backend: str, device: str, precision: str) -> str:
     """auto: OpenVINO where it is fastest by far — a CPU with native bf16 (about 3x torch's bf16
     autocast, `benchmarks/RESULTS.md`) — when it is installed; torch everywhere else (on fp32
     its gain is small and torch fp32 is the reference)."""
-    from hardneg.stages import openvino_engine
+    from hardneg.stages.engines import openvino as openvino_engine
 
     if backend == "auto":
         usable = device == "cpu" and precision == "bf16" and openvino_engine.available()

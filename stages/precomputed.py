@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from hardneg.stages.base import GlobalStage, MapStage, Resources
 from hardneg.stages.ingest import file_fingerprint
-from hardneg.stages.io import ShardWriter, iter_batches, release_pages
+from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, release_pages
 
 CHUNK = 65_536
 
@@ -61,8 +61,7 @@ class PrecomputedEmbeddings(GlobalStage):
                 files = [self.path] if self.path.is_file() else None
                 batches = (pa.Table.from_batches([b]) for f in files for b in pq.ParquetFile(f).iter_batches(CHUNK)) if files else iter_batches(source, CHUNK)
                 for batch in batches:
-                    flat = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                    writer.write(_normalised_table(batch.column("id").to_pylist(), flat.reshape(batch.num_rows, -1)))
+                    writer.write(_normalised_table(batch.column("id").to_pylist(), embedding_matrix(batch)))
             rows = writer.rows
         return {"vectors": rows}
 
@@ -73,6 +72,7 @@ class PrecomputedQueryVectors(MapStage):
 
     name = "query_vectors"
     version = "1"
+    in_process = True  # a lookup by id: runs in the driver
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -90,8 +90,7 @@ class PrecomputedQueryVectors(MapStage):
                 self._row = {line.rstrip("\n"): i for i, line in enumerate(handle)}
         else:
             table = pq.read_table(path, columns=["id", "embedding"])
-            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            self._vectors = flat.reshape(table.num_rows, -1)
+            self._vectors = embedding_matrix(table)
             self._row = {doc_id: i for i, doc_id in enumerate(table.column("id").to_pylist())}
 
     def transform(self, batch: pa.Table) -> pa.Table:

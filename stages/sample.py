@@ -80,6 +80,7 @@ def mmr_pick(scores: np.ndarray, cosines: np.ndarray, k: int, lam: float) -> lis
 class SampleStage(MapStage):
     name = "sample"
     version = "3"
+    in_process = True  # cheap per query: runs in the driver
 
     def __init__(self, *, num_negatives: int, strategy: str, seed: int, score: str, temperature: float = 0.05,
                  mmr_lambda: float = 0.7, index_dir: Path | None = None, consistency_top_k: int | None = None,

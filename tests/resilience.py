@@ -60,8 +60,11 @@ class Run:
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
         self.started = time.monotonic()
+        # SIGINT as a terminal gives it: a pytest started in the background (nohup, `&` without
+        # job control) ignores SIGINT, and a child would inherit that, so Ctrl-C tests hang.
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, env=env(**env_extra), cwd=ROOT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.orphans: list[psutil.Process] = []
 
     @property

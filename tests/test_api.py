@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from helpers import read_qrels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,7 @@ def test_example_script_is_the_readme_block():
     assert readme_example() in (ROOT / "examples" / "api_example.py").read_text()
 
 
+@pytest.mark.slow
 def test_readme_python_api_example(small_beir, capsys):
     import datasets
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_scale_quick_prints_every_stage_with_memory_and_recall() -> None:
     proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--quick"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)

@@ -1,4 +1,4 @@
-"""Tests for stages.bm25_miner: tokenisation, bm25s == BM25Okapi parity on Cranfield,
+"""Tests for stages.engines.bm25: tokenisation, bm25s == BM25Okapi parity on Cranfield,
 persistence, score()/search() agreement, k1/b, ties and edge cases."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from hardneg.stages.bm25_miner import BM25Config, BM25Index, tokenize
+from hardneg.stages.engines.bm25 import BM25Config, BM25Index, tokenize
 
 CRANFIELD = Path(__file__).parent.parent / "examples" / "cranfield"
 K = 20
@@ -199,17 +199,17 @@ def test_batched_rows_equal_search_and_score(engine, indexes, results, cranfield
     """search_rows / score_rows (a batch at once, sparse) give `search`'s and `score`'s values bit
     for bit: in one group, in many groups over threads, and with the dense path for queries whose
     postings cover much of the corpus."""
-    import hardneg.stages.bm25_miner as bm25_miner
+    import hardneg.stages.engines.bm25 as bm25_engine
 
     idx, queries = indexes[engine], cranfield[2]
     doc_ids = idx.doc_ids
     tokens = idx.prepare(queries)
-    settings = [(bm25_miner.POSTINGS_BUDGET, bm25_miner.DENSE_SHARE, 1)]
+    settings = [(bm25_engine.POSTINGS_BUDGET, bm25_engine.DENSE_SHARE, 1)]
     if engine == "bm25s":
-        settings += [(500, bm25_miner.DENSE_SHARE, 3), (1 << 23, 1 << 30, 2)]  # many groups; all dense
+        settings += [(500, bm25_engine.DENSE_SHARE, 3), (1 << 23, 1 << 30, 2)]  # many groups; all dense
     for budget, share, threads in settings:
-        monkeypatch.setattr(bm25_miner, "POSTINGS_BUDGET", budget)
-        monkeypatch.setattr(bm25_miner, "DENSE_SHARE", share)
+        monkeypatch.setattr(bm25_engine, "POSTINGS_BUDGET", budget)
+        monkeypatch.setattr(bm25_engine, "DENSE_SHARE", share)
         got = _per_query(*idx.search_rows(tokens, K, n_threads=threads), len(queries), doc_ids)
         assert got == results[engine], (budget, share, threads)
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.shared_index import Probe, build, candidates_stage  # noqa: E402
-from hardneg.stages.ann_index import IndexConfig, gpu_available  # noqa: E402
+from hardneg.stages.engines.faiss_index import IndexConfig, gpu_available  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_candidates_actors_search_on_the_gpu_under_ray(small_index, caplog):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
-        # The resources the Ray runner gives the stage's actors (pipeline/ray_exec.py).
+        # The resources the Ray runner gives the stage's actors (pipeline/executors/ray.py).
         actor = ray.remote(num_cpus=1, num_gpus=stage.resources.num_gpus)(Probe).remote(stage)
         assert ", gpu" in ray.get(actor.searched_on.remote())
         assert ray.get(actor.mine.remote(queries))[2] == queries.num_rows

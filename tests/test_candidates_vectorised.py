@@ -46,8 +46,8 @@ class _PerQuery(CandidatesStage):
     query by query through `BM25Index.search` / `score`)."""
 
     def setup(self) -> None:
-        from hardneg.stages.ann_index import AnnIndex
-        from hardneg.stages.bm25_miner import BM25Index
+        from hardneg.stages.engines.faiss_index import AnnIndex
+        from hardneg.stages.engines.bm25 import BM25Index
 
         index_dir = Path(self.index_dir)
         self._vectors = VectorFile(index_dir / "vectors.npy")
@@ -181,8 +181,8 @@ def _stage_dir(work: Path, name: str) -> Path:
 
 
 def _both(work: Path, queries: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
-    from hardneg.stages.ann_index import IndexConfig
-    from hardneg.stages.bm25_miner import BM25Config
+    from hardneg.stages.engines.faiss_index import IndexConfig
+    from hardneg.stages.engines.bm25 import BM25Config
 
     args = dict(miners=["dense", "bm25"], range_max=20, rrf_k=60, index_dir=_stage_dir(work, "index"),
                 index_config=IndexConfig(gpu="off"), bm25_dir=_stage_dir(work, "bm25_index"),
@@ -226,7 +226,7 @@ def test_vectorised_candidates_equal_the_per_query_reference(mined, queries, kwa
 def test_vectorised_candidates_equal_the_reference_on_an_approximate_index(mined, queries, tmp_path):
     """IVF with fp16 codes above a zero exact threshold: positives outside the searched depth get
     the lower bound depth + 1, not a scan."""
-    from hardneg.stages.ann_index import IndexConfig, build_index
+    from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 
     work = mined / "work"
     index = tmp_path / "index"
@@ -240,7 +240,7 @@ def test_vectorised_candidates_equal_the_reference_on_an_approximate_index(mined
 
 
 def test_rank_bm25_engine_matches_the_reference(mined, queries, tmp_path, small_beir):
-    from hardneg.stages.bm25_miner import BM25Config, BM25Index
+    from hardneg.stages.engines.bm25 import BM25Config, BM25Index
 
     config = BM25Config(engine="rank_bm25")
     corpus = read_table(_stage_dir(mined / "work", "ingest") / "corpus")
@@ -252,12 +252,12 @@ def test_rank_bm25_engine_matches_the_reference(mined, queries, tmp_path, small_
 def test_a_whole_run_writes_the_rows_of_the_reference(mined, small_beir, tmp_path, monkeypatch):
     """The final output of a run whose candidates stage is the per-query reference equals the
     output of the module's run (made with the vectorised stage)."""
-    import hardneg.pipeline.runner as runner
+    import hardneg.stages.candidates as candidates  # the plan builds the stage from this module
 
     work = tmp_path / "work"
     shutil.copytree(mined / "work", work, ignore=shutil.ignore_patterns(".lock", ".tmp-*", "candidates-*", "filter-*",
                                                                          "sample-*"))
-    monkeypatch.setattr(runner, "CandidatesStage", _PerQuery)
+    monkeypatch.setattr(candidates, "CandidatesStage", _PerQuery)
     config = MineConfig(beir=small_beir, out=tmp_path / "out", work_dir=work, miners=["dense", "bm25"],
                         positives="best", num_negatives=3, runner="local", max_seq_length=32)
     result = run_mine(config, progress=False)

@@ -1,7 +1,7 @@
 """Guarantees 2 and 3, the same answer everywhere: with a fixed seed, `--runner local`, local Ray
 (`--runner ray`) and a real two-node Ray cluster write the same rows, in the same order, and so
 does a cluster run during which a Ray worker is SIGKILLed (Ray restarts the actor and retries its
-batch; pipeline/ray_exec.py sets the restarts and retries explicitly).
+batch; pipeline/executors/ray.py sets the restarts and retries explicitly).
 
 The cluster is started here with the venv's `ray start` on loopback (a head and a second node,
 2 CPUs each, a private temp dir, free ports and its own auth token) and stopped by the pids of

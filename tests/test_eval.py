@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import CRANFIELD, read_qrels, write_beir
-from hardneg.pipeline import evaluate as ev
+from hardneg.pipeline.outputs import evaluate as ev
 
 
 # ---------------------------------------------------------------------------- tiny, by hand

@@ -20,7 +20,7 @@ import pytest
 
 from hardneg import schemas
 from hardneg.pipeline.config import ConfigError
-from hardneg.pipeline.export import content_id, export
+from hardneg.pipeline.outputs.export import content_id, export
 from hardneg.stages.write import to_format, write_dataset
 
 CRANFIELD = Path(__file__).parent.parent / "examples" / "cranfield"

@@ -323,6 +323,7 @@ def check_run(code: int, stderr: str, out: Path) -> None:
 @settings(max_examples=25, **SETTINGS)
 @given(corpus=corpus_lines, queries=query_lines, qrels=qrels_lines(), positives=st.sampled_from(["all", "best"]),
        fmt=st.sampled_from(["n-tuple", "triplet", "labeled-pair", "labeled-list"]), k=st.integers(1, 3))
+@pytest.mark.slow
 def test_hostile_beir_folder_end_to_end(tmp_path, tiny, corpus, queries, qrels, positives, fmt, k):
     root = _fresh(tmp_path)
     beir = make_beir(root / "beir", corpus, queries, qrels)
@@ -649,7 +650,7 @@ def test_invalid_faiss_factory_string_fails_at_config_time(tmp_path, small, tiny
 
 def test_index_gpu_accepts_on_and_off_as_the_readme_writes_them(tmp_path):
     from hardneg.pipeline.config import build_config
-    from hardneg.stages.ann_index import gpu_available
+    from hardneg.stages.engines.faiss_index import gpu_available
 
     for word, value in (("on", "on"), ("off", "off"), ("auto", "auto"), ("'on'", "on"), ("true", "on"), ("false", "off")):
         assert build_config(None, {}, [f"index.gpu={word}"]).index.gpu == value, word
@@ -661,7 +662,7 @@ def test_index_gpu_accepts_on_and_off_as_the_readme_writes_them(tmp_path):
 
 
 def test_index_gpu_on_without_a_gpu_fails_at_config_time(tmp_path, small, tiny):
-    from hardneg.stages.ann_index import gpu_available
+    from hardneg.stages.engines.faiss_index import gpu_available
 
     if gpu_available():
         pytest.skip("this machine has a GPU")

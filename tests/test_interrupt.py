@@ -67,6 +67,7 @@ def _resume(cmd: list[str], root: Path, reused: set[str]) -> None:
     assert leftovers(root / "work") == [] and leftovers(root) == []
 
 
+@pytest.mark.slow
 def test_local_run_interrupted_in_a_stage_and_in_the_write_exits_nonzero_and_resumes(tmp_path, beir, tiny):
     cmd = _cmd(beir, tmp_path, tiny, "local")
     _interrupt(cmd, tmp_path, "index", signal.SIGINT)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hardneg.pipeline import evaluate as ev
+from hardneg.pipeline.outputs import evaluate as ev
 from hardneg.pipeline.config import ConfigError, MineConfig, build_config
 from hardneg.stages.filters import LEXICAL_COLUMN, RELABEL, PUModel, decide, normalize_spec, pu_features
 
@@ -113,8 +113,9 @@ def filter_rows(result) -> list[dict]:
     return read_table(next(s.path for s in result.stages if s.name == "filter")).to_pylist()
 
 
+@pytest.mark.slow
 def test_lexical_duplicate_scores_are_bm25_against_the_positive_text(small_beir, subset_work, tmp_path):
-    from hardneg.stages.bm25_miner import BM25Config, BM25Index
+    from hardneg.stages.engines.bm25 import BM25Config, BM25Index
     from hardneg.stages.io import read_table
 
     result = mine(small_beir, tmp_path / "out", subset_work, filters=[{"type": "lexical_duplicate", "value": 70}])
@@ -131,6 +132,7 @@ def test_lexical_duplicate_scores_are_bm25_against_the_positive_text(small_beir,
     assert dropped == result.stats["decisions"]["lexical_duplicate"] > 0
 
 
+@pytest.mark.slow
 def test_pu_filter_on_cranfield_drops_the_relevant_and_is_deterministic(small_beir, subset_work, tmp_path):
     qrels = ev.read_qrels(small_beir, "test")
     spec = [{"type": "pu", "budget": 0.3}]

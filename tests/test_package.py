@@ -28,7 +28,9 @@ def test_wheel_installs_one_top_level_package(wheel):
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"hardneg"}
     for module in ("hardneg/__init__.py", "hardneg/pipeline/cli.py", "hardneg/stages/embed.py",
-                   "hardneg/schemas/__init__.py"):
+                   "hardneg/schemas/__init__.py", "hardneg/pipeline/plan.py", "hardneg/pipeline/executors/ray.py",
+                   "hardneg/pipeline/outputs/evaluate.py", "hardneg/stages/engines/bm25.py",
+                   "hardneg/stages/engines/faiss_index.py"):
         assert module in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "hardneg = hardneg.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -41,7 +43,8 @@ def test_installed_wheel_imports_hardneg_only(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); import hardneg; "
             "assert hardneg.__file__.startswith(sys.argv[1]), hardneg.__file__; "
-            "import hardneg.pipeline.cli, hardneg.stages.embed; "
+            "import hardneg.pipeline.cli, hardneg.stages.embed, hardneg.pipeline.executors.local, "
+            "hardneg.pipeline.outputs.report, hardneg.stages.engines.faiss_index; "
             "print(hardneg.__version__, [n for n in ('pipeline', 'stages', 'schemas') if importlib.util.find_spec(n)])")
     proc = subprocess.run([sys.executable, "-I", "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -51,6 +51,7 @@ def _png_pixels(data: bytes) -> np.ndarray:
     return matplotlib.image.imread(io.BytesIO(data), format="png")
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_every_plot(report_run, report_html):
     text = report_html.read_text()
     stats = report_run.stats
@@ -68,7 +69,7 @@ def test_report_is_self_contained_with_every_plot(report_run, report_html):
     # The tables beside the plots, and the evaluation against the qrels.
     assert "short_of_negatives" in text and "max_score" in text and "negative (bm25)" in text
     try:
-        from hardneg.pipeline.evaluate import evaluate  # noqa: F401
+        from hardneg.pipeline.outputs.evaluate import evaluate  # noqa: F401
     except ImportError:
         assert "eval unavailable" in text
     else:
@@ -136,7 +137,7 @@ def _lines_fit(console) -> list[str]:
 def test_summary_fits_100_columns(report_run):
     from rich.console import Console
 
-    from hardneg.pipeline.summary import print_summary
+    from hardneg.pipeline.outputs.summary import print_summary
 
     console = Console(width=100, record=True, file=io.StringIO(), force_terminal=False)
     print_summary(report_run, console)
@@ -150,7 +151,7 @@ def test_summary_fits_100_columns_with_long_names():
 
     from rich.console import Console
 
-    from hardneg.pipeline.summary import print_summary
+    from hardneg.pipeline.outputs.summary import print_summary
     from hardneg.stages.base import StageResult
 
     score = {"count": 123456789, "mean": -12345.678901, "std": 9876.54321, "min": -99999.9999, "25%": 0.1,

@@ -244,7 +244,7 @@ def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path):
 
 def test_embed_backend_is_checked_at_config_time(monkeypatch):
     from hardneg.pipeline.errors import ConfigError
-    from hardneg.stages import openvino_engine
+    from hardneg.stages.engines import openvino as openvino_engine
     from hardneg.stages.models import pick_backend
 
     assert pick_backend("torch", "cuda", "fp16") == "torch"

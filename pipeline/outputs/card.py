@@ -233,7 +233,7 @@ def card_eval(out_dir: Path, config: Any) -> dict[str, Any] | None:
     if beir is None:
         return None
     try:
-        from hardneg.pipeline.evaluate import evaluate
+        from hardneg.pipeline.outputs.evaluate import evaluate
     except ImportError:
         return None
     try:

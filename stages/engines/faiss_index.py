@@ -161,6 +161,68 @@ def _rows(vectors: np.ndarray, start: int, stop: int) -> np.ndarray:
 # --------------------------------------------------------------------------- build
 
 
+def _template(cfg: IndexConfig, n: int, d: int, n_train: int):
+    """The factory string the config asks for (auto: by corpus size) and its untrained index."""
+    if cfg.index == "auto":
+        exact = n <= cfg.exact_threshold
+        factory = "Flat" if exact else auto_factory(min(n, cfg.shard_size), d, n_train, cfg.storage)
+    else:
+        factory = cfg.index
+    try:
+        return factory, faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"invalid faiss index_factory string {factory!r}: {e}") from e
+
+
+def _index_meta(cfg: IndexConfig, factory: str, n: int, d: int, param: str | None, value, train_sample: int,
+                use_gpu: bool, calib_q: np.ndarray | None, calibration: list[dict], shards_meta: list[dict]) -> dict:
+    """index.json: what a search needs to open the shards, and how the index was built."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "factory": factory,
+        "metric": "inner_product",
+        "dim": d,
+        "ntotal": n,
+        "nprobe": value if param == "nprobe" else None,
+        "efSearch": value if param == "efSearch" else None,
+        "storage": ("fp16" if cfg.storage == "auto" else cfg.storage) if cfg.index == "auto" and factory != "Flat" else None,
+        "seed": cfg.seed,
+        "train_sample": train_sample,
+        "built_on": "gpu" if use_gpu else "cpu",
+        "calibration": (
+            {"k": CALIBRATION_K, "queries": len(calib_q), "target": CALIBRATION_TARGET, "param": param,
+             "shards": calibration}
+            if calibration
+            else None
+        ),
+        "shards": shards_meta,
+    }
+
+
+def _write_shards(template, vectors: np.ndarray, shard_size: int, out_dir: Path, use_gpu: bool, param: str | None,
+                  calib_q: np.ndarray | None) -> tuple[list[dict], list[dict], list[int]]:
+    """Fill and write one index per `shard_size` rows; where a search parameter is calibrated,
+    each shard's recall curve and the value it needs."""
+    n = len(vectors)
+    shards_meta: list[dict] = []
+    calibration: list[dict] = []
+    chosen: list[int] = []
+    for si, start in enumerate(range(0, n, shard_size)):
+        stop = min(start + shard_size, n)
+        t1 = time.perf_counter()
+        index, gt = _fill_shard(faiss.clone_index(template), vectors, start, stop, use_gpu, calib_q)
+        if gt is not None:
+            value, curve = _calibrate(index, param, calib_q, gt)
+            chosen.append(value)
+            calibration.append({"shard": si, "recall": curve})
+        name = f"shard_{si:05d}.faiss"
+        _write_atomic(index, out_dir / name)
+        shards_meta.append({"file": name, "offset": start, "count": stop - start})
+        log.info("shard %d: rows %d..%d in %.1fs", si, start, stop, time.perf_counter() - t1)
+        del index
+    return shards_meta, calibration, chosen
+
+
 def build_index(vectors: np.ndarray, cfg: IndexConfig, out_dir: Path) -> None:
     """Build the index over ``vectors`` (n, d) and write shard files + index.json."""
     if vectors.ndim != 2:
@@ -169,15 +231,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, out_dir: Path) -> None:
     use_gpu = _use_gpu(cfg)
 
     n_train = min(cfg.train_sample, n)
-    if cfg.index == "auto":
-        exact = n <= cfg.exact_threshold
-        factory = "Flat" if exact else auto_factory(min(n, cfg.shard_size), d, n_train, cfg.storage)
-    else:
-        factory = cfg.index
-    try:
-        template = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"invalid faiss index_factory string {factory!r}: {e}") from e
+    factory, template = _template(cfg, n, d, n_train)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,46 +259,13 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, out_dir: Path) -> None:
         del sample
         log.info("trained %s on %d vectors in %.1fs", factory, n_train, time.perf_counter() - t0)
 
-    shards_meta: list[dict] = []
-    calibration: list[dict] = []
-    chosen: list[int] = []
-    for si, start in enumerate(range(0, n, cfg.shard_size)):
-        stop = min(start + cfg.shard_size, n)
-        t1 = time.perf_counter()
-        index, gt = _fill_shard(faiss.clone_index(template), vectors, start, stop, use_gpu, calib_q)
-        if gt is not None:
-            value, curve = _calibrate(index, param, calib_q, gt)
-            chosen.append(value)
-            calibration.append({"shard": si, "recall": curve})
-        name = f"shard_{si:05d}.faiss"
-        _write_atomic(index, out_dir / name)
-        shards_meta.append({"file": name, "offset": start, "count": stop - start})
-        log.info("shard %d: rows %d..%d in %.1fs", si, start, stop, time.perf_counter() - t1)
-        del index
+    shards_meta, calibration, chosen = _write_shards(template, vectors, cfg.shard_size, out_dir, use_gpu, param, calib_q)
 
     value = user_value if user_value is not None else (max(chosen) if chosen else None)
     if param and value is None:  # nothing to calibrate on (empty corpus): faiss-ish defaults
         value = 1 if param == "nprobe" else 16
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "factory": factory,
-        "metric": "inner_product",
-        "dim": d,
-        "ntotal": n,
-        "nprobe": value if param == "nprobe" else None,
-        "efSearch": value if param == "efSearch" else None,
-        "storage": ("fp16" if cfg.storage == "auto" else cfg.storage) if cfg.index == "auto" and factory != "Flat" else None,
-        "seed": cfg.seed,
-        "train_sample": n_train if needs_training else 0,
-        "built_on": "gpu" if use_gpu else "cpu",
-        "calibration": (
-            {"k": CALIBRATION_K, "queries": len(calib_q), "target": CALIBRATION_TARGET, "param": param,
-             "shards": calibration}
-            if calibration
-            else None
-        ),
-        "shards": shards_meta,
-    }
+    meta = _index_meta(cfg, factory, n, d, param, value, n_train if needs_training else 0, use_gpu,
+                       calib_q, calibration, shards_meta)
     tmp = out_dir / (INDEX_JSON + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out_dir / INDEX_JSON)

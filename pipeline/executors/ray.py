@@ -22,6 +22,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
+from hardneg.pipeline.errors import WorkerError
 from hardneg.pipeline.progress import progress_bar
 from hardneg.stages.base import MapStage
 from hardneg.stages.io import ShardWriter, count_rows, iter_batches
@@ -32,10 +33,6 @@ log = logging.getLogger("hardneg")
 MAX_RESTARTS = 8  # per model worker (actor)
 MAX_RETRIES = 8  # per batch
 IN_FLIGHT = 2  # batches queued per worker: the next one is there when the current one ends
-
-
-class WorkerError(RuntimeError):
-    """A Ray worker failed in a way that is not the input's or the model's fault."""
 
 
 def _test_batch_delay(stage: MapStage) -> None:

@@ -81,7 +81,7 @@ import Stemmer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rank_bm25 import BM25Okapi
 
-from hardneg.stages.base import InputError
+from hardneg.stages.base import GlobalStage, InputError
 
 # A user error (one line, exit 2), not a crash: BM25 has nothing to index.
 _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or the score a filter reads) "
@@ -508,8 +508,8 @@ class BM25Index:
         return [one(q) for q in batch]
 
 
-class BM25IndexStage:
-    """Global stage: build the BM25 index of the corpus once per corpus fingerprint and keep it
+class BM25IndexStage(GlobalStage):
+    """Build the BM25 index of the corpus once per corpus fingerprint and keep it
     in the work dir, where the candidates stage loads it."""
 
     name = "bm25_index"

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pyarrow as pa
 
 from hardneg.pipeline.errors import EvalError
+from hardneg.pipeline.outputs.reader import OutputFolder, read_stats
 
 log = logging.getLogger("hardneg")
 
@@ -77,31 +76,12 @@ def read_qrels(beir: Path, split: str) -> dict[str, dict[str, float]]:
     return qrels
 
 
-def read_stats(dataset: Path) -> dict[str, Any]:
-    path = Path(dataset) / "stats.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _read_table(dataset: Path) -> pa.Table:
-    dataset = Path(dataset)
-    if (dataset / "data").is_dir() and list((dataset / "data").glob("*.parquet")):
-        import pyarrow.parquet as pq
-
-        return pa.concat_tables(pq.read_table(f) for f in sorted((dataset / "data").glob("*.parquet")))
-    import datasets
-
-    try:
-        return datasets.load_from_disk(str(dataset)).with_format("arrow")[:]
-    except Exception as err:  # noqa: BLE001 - an unreadable folder is a user error
-        raise EvalError(f"cannot read dataset {dataset}: {err.__class__.__name__}") from None
-
-
 def read_groups(dataset: Path) -> list[dict[str, Any]]:
     """The dataset's pairs as {query_id, negative_ids, negative_sources, extra_positive_ids},
     whatever its format (n-tuple, triplet, labeled-pair, labeled-list), from its id metadata
     columns. Extra positives are the candidates `false_negatives: relabel` turned into positives
     (in labeled-pair: every label-1 row of a pair after its first, the pair's own positive)."""
-    table = _read_table(dataset)
+    table = OutputFolder(dataset, EvalError).table()
     names = set(table.column_names)
     if "query_id" not in names:
         raise EvalError(f"dataset {dataset} has no query_id column: mine it with metadata_columns: true")
@@ -187,13 +167,13 @@ def reference_index(beir: Path, model: str | None, work_dir: Path, split: str, s
 
 
 def _ranks(index_dir: Path, queries_dir: Path, wanted: dict[str, set[str]]) -> dict[tuple[str, str], int]:
-    from hardneg.stages.io import iter_batches, read_table
+    from hardneg.stages.io import embedding_matrix, iter_batches, read_table
 
     vectors = np.load(Path(index_dir) / "vectors.npy", mmap_mode="r")
     row_of = {d: i for i, d in enumerate(read_table(Path(index_dir) / "ids", columns=["doc_id"]).column("doc_id").to_pylist())}
     query_ids, query_vectors = [], []
     for batch in iter_batches(Path(queries_dir), 4096, columns=["query_id", "embedding"]):
-        for query_id, vector in zip(batch.column("query_id").to_pylist(), batch.column("embedding").to_pylist()):
+        for query_id, vector in zip(batch.column("query_id").to_pylist(), embedding_matrix(batch)):
             if query_id in wanted:
                 query_ids.append(query_id)
                 query_vectors.append(vector)
@@ -258,7 +238,7 @@ def _default_work_dir(dataset: Path, stats: dict[str, Any]) -> Path:
     index = ((stats.get("stages") or {}).get("index") or {}).get("path")
     if index and Path(index).parent.is_dir():
         return Path(index).parent
-    from hardneg.pipeline.runner import default_work_dir
+    from hardneg.pipeline.store import default_work_dir
 
     return default_work_dir(Path(dataset))
 

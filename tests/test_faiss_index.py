@@ -1,4 +1,4 @@
-"""Tests for stages.ann_index: exactness, recall of the auto approximate index, sharding,
+"""Tests for stages.engines.faiss_index: exactness, recall of the auto approximate index, sharding,
 storage / factory variants, memmap input, determinism and the GPU switches."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from hardneg.stages import ann_index
-from hardneg.stages.ann_index import AnnIndex, IndexConfig, build_index, gpu_available
+from hardneg.stages.engines import faiss_index
+from hardneg.stages.engines.faiss_index import AnnIndex, IndexConfig, build_index, gpu_available
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
@@ -172,10 +172,10 @@ def test_pq_storage_builds_and_searches(tmp_path: Path) -> None:
 
 
 def test_auto_factory_rule() -> None:
-    assert ann_index.auto_factory(100_000, 384, 100_000, "fp32") == "IVF1024,Flat"
+    assert faiss_index.auto_factory(100_000, 384, 100_000, "fp32") == "IVF1024,Flat"
     # 4*sqrt(1M) = 4000 -> 4096, capped at 100k/39 -> 2048 by the training sample
-    assert ann_index.auto_factory(1_000_000, 384, 100_000, "fp16") == "IVF2048,SQfp16"
-    assert ann_index.auto_factory(1_000_000, 384, 200_000, "pq") == "IVF4096,PQ96"
+    assert faiss_index.auto_factory(1_000_000, 384, 100_000, "fp16") == "IVF2048,SQfp16"
+    assert faiss_index.auto_factory(1_000_000, 384, 200_000, "pq") == "IVF4096,PQ96"
 
 
 def test_bad_config_rejected(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ def test_gpu_search_equals_cpu_exact(tmp_path: Path) -> None:
 
 
 def test_build_from_memmap_npy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ann_index, "ADD_CHUNK", 1000)  # many chunks, as with a large corpus
+    monkeypatch.setattr(faiss_index, "ADD_CHUNK", 1000)  # many chunks, as with a large corpus
     x = gaussian_mixture(6000, 32, n_clusters=40, spread=0.1, seed=12)
     np.save(tmp_path / "emb.npy", x)
     mm = np.load(tmp_path / "emb.npy", mmap_mode="r")
@@ -268,7 +268,7 @@ def test_search_breadth_is_calibrated_on_the_queries_not_the_corpus(tmp_path: Pa
     """Queries far from the documents (here: a document plus heavy noise) need a wider search
     than the build-time calibration on corpus vectors chose; calibrating on a sample of the
     queries restores the recall bar on *other* queries of the same kind."""
-    from hardneg.stages.ann_index import calibrate_on_queries, exact_top_k
+    from hardneg.stages.engines.faiss_index import calibrate_on_queries, exact_top_k
     from hardneg.stages.io import VectorFile
 
     x = gaussian_mixture(30_000, 32, n_clusters=200, spread=0.04, seed=11)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from hardneg.pipeline.errors import ConfigError, ExportError
+from hardneg.pipeline.outputs.reader import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ def export(dataset_dir: Path, to: str, out_file: Path) -> int:
     if out_file.resolve().is_relative_to(dataset_dir.resolve()):
         raise ExportError(f"--out {out_file} is inside the dataset {dataset_dir}: write the export elsewhere "
                           "(it would replace or add to the dataset's own files)")
-    columns, batches = _open(dataset_dir)
+    output = OutputFolder(dataset_dir, ConfigError)
+    columns = output.columns()
+    batches = lambda: output.row_batches(_BATCH)  # noqa: E731
     reader = _reader_for(columns, dataset_dir)
     # Scores: positive_score + negative_scores (n-tuple, labeled-list) or negative_score
     # (triplet); labeled-pair has one `score` per row.
@@ -99,75 +102,6 @@ def export(dataset_dir: Path, to: str, out_file: Path) -> int:
 
 
 # --- reading ------------------------------------------------------------------------------------
-
-
-def _open(folder: Path) -> tuple[list[str], Callable[[], Iterator[list[dict[str, Any]]]]]:
-    """Column names and a batch iterator (lists of row dicts) of a hardneg output folder."""
-    if not folder.is_dir():
-        raise ConfigError(f"not a hardneg output: {folder} is not a folder")
-    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
-        return _open_disk(folder)
-    if (folder / "dataset_dict.json").is_file():
-        return _open_disk(folder)
-    shards = sorted((folder / "data").glob("*.parquet")) if (folder / "data").is_dir() else []
-    if shards:
-        return _open_parquet(folder, shards)
-    raise ConfigError(
-        f"not a hardneg output: {folder} has neither a datasets save_to_disk dataset nor data/*.parquet"
-    )
-
-
-def _open_disk(folder: Path):
-    import datasets
-
-    empty = _empty_disk_dataset(folder)
-    if empty is not None:
-        return empty, lambda: iter(())
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except Exception as err:  # corrupt or foreign folder: report it in one line
-        raise ConfigError(f"not a hardneg output: {folder}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise ConfigError(f"not a hardneg output: {folder} is a DatasetDict without a 'train' split")
-        loaded = loaded["train"]
-
-    def batches() -> Iterator[list[dict[str, Any]]]:
-        for batch in loaded.iter(batch_size=_BATCH):
-            names = list(batch)
-            yield [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
-
-    return list(loaded.column_names), batches
-
-
-def _empty_disk_dataset(folder: Path) -> list[str] | None:
-    """The columns of a save_to_disk dataset with no rows, which `load_from_disk` cannot open
-    (datasets writes zero shards for it); None for any other folder."""
-    try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or state.get("_data_files") != []:
-        return None
-    features = info.get("features") if isinstance(info, dict) else None
-    return list(features) if isinstance(features, dict) else None
-
-
-def _open_parquet(folder: Path, shards: list[Path]):
-    import pyarrow.dataset as pads
-
-    try:
-        data = pads.dataset([str(s) for s in shards], format="parquet")
-        names = list(data.schema.names)
-    except Exception as err:
-        raise ConfigError(f"not a hardneg output: {folder}/data: {err.__class__.__name__}") from None
-
-    def batches() -> Iterator[list[dict[str, Any]]]:
-        for batch in data.to_batches(batch_size=_BATCH):
-            yield batch.to_pylist()
-
-    return names, batches
 
 
 def _rows(batches: Callable[[], Iterator[list[dict[str, Any]]]]) -> Iterator[dict[str, Any]]:

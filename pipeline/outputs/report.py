@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hardneg.pipeline.card import format_value  # one number format for the card and the report
+from hardneg.pipeline.outputs.card import format_value  # one number format for the card and the report
 from hardneg.pipeline.errors import ReportError, UserError
+from hardneg.pipeline.outputs.reader import OutputFolder
 
 log = logging.getLogger("hardneg")
 
@@ -43,15 +44,7 @@ def load_stats(out: Path) -> dict[str, Any]:
 
 def load_table(out: Path) -> pa.Table:
     """The written dataset as one Arrow table, whichever layout wrote it."""
-    out = Path(out)
-    parquet = sorted((out / "data").glob("*.parquet"))
-    if parquet:
-        import pyarrow.parquet as pq
-
-        return pa.concat_tables([pq.read_table(f) for f in parquet])
-    import datasets
-
-    return datasets.load_from_disk(str(out)).data.table
+    return OutputFolder(out, ReportError).table()
 
 
 def load_rejects(out: Path) -> pa.Table | None:
@@ -273,7 +266,7 @@ def eval_section(out: Path, beir: Path | None) -> str:
     if beir is None:
         return "<p class=\"muted\">No evaluation: give <code>--beir DIR</code> to evaluate against its qrels.</p>"
     try:
-        from hardneg.pipeline.evaluate import evaluate
+        from hardneg.pipeline.outputs.evaluate import evaluate
     except ImportError:
         return "<p class=\"muted\" id=\"eval-unavailable\">eval unavailable (this hardneg has no pipeline.evaluate)</p>"
     try:
@@ -284,7 +277,7 @@ def eval_section(out: Path, beir: Path | None) -> str:
         log.warning("evaluation failed: %s", err)
         first = (str(err).splitlines() or [type(err).__name__])[0]
         return f"<p class=\"muted\" id=\"eval-unavailable\">eval unavailable: {html.escape(first)}</p>"
-    from hardneg.pipeline.card import eval_tables
+    from hardneg.pipeline.outputs.card import eval_tables
 
     parts = [f"<p class=\"muted\">Against {html.escape(str(beir))} ({html.escape(str(result.get('split', '')))}), "
              f"hardness ranks under {html.escape(str(result.get('model') or '-'))}: <code>fn_rate</code> is the share of "
@@ -307,7 +300,7 @@ th { background: #f8f9fa; } img.plot { max-width: 100%; display: block; margin: 
 """
 
 
-def render_report(out: Path, beir: Path | None = None) -> str:
+def render_report(out: Path, beir: Path | None = None) -> str:  # long: one HTML page, its sections in reading order
     out = Path(out)
     stats = load_stats(out)
     table = load_table(out)

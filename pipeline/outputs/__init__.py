@@ -1,0 +1,1 @@
+"""What reads a finished output folder: evaluation, the HTML report, the dataset card, export and the run summary."""
