@@ -235,7 +235,7 @@ class CandidatesStage(MapStage):
 
             # Memory-mapped: the workers of one machine share the matrix's pages.
             self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config, mmap=True)
-            bm25_ids = pa.array(self._bm25.doc_ids, pa.string())
+            bm25_ids = self._bm25.id_array
             if not bm25_ids.equals(self._ids.array):
                 self._bm25_rows = self._ids.rows(bm25_ids)
 
