@@ -97,6 +97,8 @@ class VectorFile:
             block = unique[b0:b0 + self.BLOCK]
             out[b0:b0 + len(block)] = self._matrix[block]
             self._release(int(block[0]), int(block[-1]) + 1)
+        if len(unique) == len(rows) and (len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())):
+            return out  # already sorted and distinct: the gather below would only copy
         return out[inverse.reshape(-1)]
 
 

@@ -277,6 +277,65 @@ class SampleStage(MapStage):
         keep = ~pc.equal(ids, pairs.positive_ids.take(pa.array(owner))).to_numpy(zero_copy_only=False)
         return _list_of(np.bincount(owner[keep], minlength=n), ids.filter(pa.array(keep)))
 
+    def transform_rows(self, batch: pa.Table) -> pa.Table:
+        """`transform` row by row over Python dicts: the reference the batch path is tested against."""
+        self.ensure_setup()
+        out: list[dict[str, Any]] = []
+        score_column = SCORE_COLUMNS[self.score]
+        for row in batch.to_pylist():
+            kept = [j for j, d in enumerate(row["decisions"]) if d == KEPT]
+            # Relabelled candidates (false_negatives: relabel) become extra positives of every pair
+            # of their query, in rank order; they are never negatives (their decision is not kept).
+            extra = [row["candidate_ids"][j] for j, d in enumerate(row["decisions"]) if self.relabel and d.startswith(RELABEL)]
+            kept_scores = [row[score_column][j] for j in kept] if row.get(score_column) is not None else [None] * len(kept)
+            cosines = None
+            if self.strategy == "mmr" and len(kept) > self.num_negatives:
+                cosines = self._cosines([row["candidate_ids"][j] for j in kept])
+            dense_positive = row.get("positive_dense_scores") or []
+            positive_ranks = row.get("positive_ranks") or []
+            for pair_id, order, positive_id, positive_index in zip(
+                row["pair_ids"], row["pair_order"], row["positive_ids"], range(len(row["pair_ids"]))
+            ):
+                chosen = self.choose_with_quotas(kept, row["sources"], pair_id, kept_scores, cosines)
+                dense_score = dense_positive[positive_index] if dense_positive else None
+                positive_rank = positive_ranks[positive_index] if positive_ranks else None
+
+                def pick(column: str) -> list | None:
+                    values = row.get(column)
+                    return None if values is None else [values[j] for j in chosen]
+
+                positive_scores = row.get(POSITIVE_COLUMNS[self.score]) or []
+                positive_ce = row.get("positive_ce_scores") or []
+                out.append(
+                    {
+                        "pair_order": order,
+                        "pair_id": pair_id,
+                        "query_id": row["query_id"],
+                        "query": row["text"],
+                        "positive_id": positive_id,
+                        "positive": None,
+                        "positive_score": positive_scores[positive_index] if positive_scores else None,
+                        "positive_ce_score": positive_ce[positive_index] if positive_ce else None,
+                        "negative_ids": pick("candidate_ids"),
+                        "negatives": None,
+                        "negative_scores": pick(score_column),
+                        "negative_ranks": pick("fused_ranks"),
+                        "negative_sources": pick("sources"),
+                        "negative_dense_scores": pick("dense_scores"),
+                        "negative_dense_ranks": pick("dense_ranks"),
+                        "negative_bm25_scores": pick("bm25_scores"),
+                        "negative_bm25_ranks": pick("bm25_ranks"),
+                        "negative_ce_scores": pick("ce_scores"),
+                        "negative_fused_ranks": pick("fused_ranks"),
+                        "positive_dense_score": dense_score,
+                        "positive_rank": positive_rank,
+                        "inconsistent": self._inconsistent(positive_rank, dense_score),
+                        "extra_positive_ids": [d for d in extra if d != positive_id],
+                        "extra_positives": None,
+                    }
+                )
+        return pa.Table.from_pylist(out, schema=schemas.MINED)
+
 
 class _Candidates:
     """A batch's candidates, flattened: query row of each, per-query counts and starts, kept mask."""

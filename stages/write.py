@@ -231,6 +231,12 @@ def to_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: boo
     labeled-list; they are never negatives."""
     if format in ("n-tuple", "triplet") and mined.num_rows:
         return _columnar_format(mined, format, k, metadata, relabel)
+    return rows_format(mined, format, k, metadata, relabel)
+
+
+def rows_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: bool = False) -> pa.Table:
+    """`to_format` built row by row from Python dicts: the labeled-* formats, and the reference
+    the columnar n-tuple and triplet builders are tested against."""
     rows = mined.to_pylist()
     for r in rows:
         r["extra_positive_ids"] = list(r.get("extra_positive_ids") or []) if relabel else []
