@@ -456,26 +456,12 @@ class BM25Index:
         for i, t in enumerate(token_ids):
             table[i, : len(t)] = t
         rows = np.asarray(rows, dtype=np.int64)
-        for j in range(width):
-            terms = table[query, j]
-            has = terms >= 0
-            if not has.any():
-                continue
-            t, r = terms[has], rows[has]
-            lo, end = indptr[t].astype(np.int64), indptr[t + 1].astype(np.int64)
-            hi = end.copy()
-            while True:  # vectorised binary search: first posting >= row, per pair
-                open_ = lo < hi
-                if not open_.any():
-                    break
-                mid = (lo + hi) // 2
-                less = open_ & (indices[np.minimum(mid, len(indices) - 1)] < r)
-                lo = np.where(less, mid + 1, lo)
-                hi = np.where(open_ & ~less, mid, hi)
-            hit = lo < end
-            hit[hit] = indices[lo[hit]] == r[hit]
-            where = np.flatnonzero(has)[hit]
-            out[where] += data[lo[hit]]
+        terms = table[query]
+        pair, column = np.nonzero(terms >= 0)  # every (pair, query term), by pair then term
+        hit, weight = _posting_weights(data, indices, indptr, terms[pair, column], rows[pair])
+        for j in range(width):  # terms added in query order, from 0.0: `score`'s sums
+            at = hit & (column == j)
+            out[pair[at]] += weight[at]
         return out
 
     # ------------------------------------------------------------------ internals
@@ -537,6 +523,28 @@ class BM25IndexStage:
         index = BM25Index.build(corpus.column("doc_id").combine_chunks(), corpus.column("text").to_pylist(), self.cfg)
         index.save(out_dir)
         return {"documents": corpus.num_rows, "engine": self.cfg.engine}
+
+
+def _posting_weights(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: np.ndarray,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each (term, row): whether the row is in the term's postings, and its weight there.
+    One np.searchsorted per distinct term over its sorted postings (the entries grouped by term)."""
+    if not len(terms):
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    order = np.argsort(terms, kind="stable")
+    sorted_terms = terms[order]
+    sorted_rows = rows[order].astype(indices.dtype)  # searchsorted would otherwise copy each posting list
+    bounds = np.flatnonzero(np.r_[True, sorted_terms[1:] != sorted_terms[:-1], True])
+    found = np.zeros(len(terms), dtype=bool)
+    where = np.zeros(len(terms), dtype=np.int64)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        lo, hi = int(indptr[sorted_terms[a]]), int(indptr[sorted_terms[a] + 1])
+        if hi == lo:
+            continue
+        at = lo + np.minimum(np.searchsorted(indices[lo:hi], sorted_rows[a:b]), hi - lo - 1)
+        found[order[a:b]] = indices[at] == sorted_rows[a:b]
+        where[order[a:b]] = at
+    return found, np.where(found, data[where], 0.0)
 
 
 def _first_k_per_group(group: np.ndarray, k: int, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
