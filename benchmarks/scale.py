@@ -224,13 +224,18 @@ def main() -> None:
             t = time.perf_counter()
             inputs = make_inputs(folder, n_docs, max(1, int(n_docs * opts.query_ratio)))
             generate = time.perf_counter() - t
+            load_before = os.getloadavg()
             stages, total = mine(inputs, folder, opts.runner)
+            load_after = os.getloadavg()
             recall, description = recall_at_100(folder, inputs)
             rows.append((n_docs, stages, total, recall, description))
             print(f"\n{n_docs:,} documents x {int(n_docs * opts.query_ratio):,} queries (inputs generated in {generate:.0f}s); "
                   f"index: {description}")
             print_stages(stages, total, n_docs, max(1, int(n_docs * opts.query_ratio)))
             print(f"recall@100 {recall:.3f}")
+            # Other processes sharing the cores stretch every figure above: the load says how much.
+            print("load average (1, 5, 15 min) before the run: " + ", ".join(f"{x:.2f}" for x in load_before)
+                  + "; after: " + ", ".join(f"{x:.2f}" for x in load_after))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if opts.embed:

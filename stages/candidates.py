@@ -34,55 +34,13 @@ import pyarrow.compute as pc
 
 from hardneg import schemas
 from hardneg.stages.base import MapStage, Resources
-from hardneg.stages.io import VectorFile, read_table
+from hardneg.stages.io import DocIds, VectorFile, id_bytes, read_table
 
 log = logging.getLogger("hardneg")
 
 SCAN_CHUNK = 16_384  # corpus rows per block of the exact positive-rank scan
 GATHER_BUDGET = 1 << 22  # float64 vector elements gathered at once (32 MB) for exact scores
 SCAN_COLUMNS = 256  # positives compared against one scanned block at a time
-
-
-class DocIds:
-    """The corpus's document ids (an Arrow array, row order) with numpy lookups: id -> row by a
-    binary search of the ids' UTF-8 bytes, row -> string-order rank. No Python object per
-    document (a dict of a million ids costs ~100 MB per worker)."""
-
-    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
-        if isinstance(ids, pa.ChunkedArray):
-            ids = ids.combine_chunks()
-        self.array = ids.cast(pa.string())
-        order = pc.sort_indices(self.array).to_numpy()  # bytewise UTF-8 = code point order
-        self.rank = np.empty(len(order), dtype=np.int64)
-        self.rank[order] = np.arange(len(order))
-        self._order = order
-        self._sorted = _as_bytes(self.array.take(pa.array(order)))
-
-    def __len__(self) -> int:
-        return len(self.rank)
-
-    def rows(self, ids: pa.Array) -> np.ndarray:
-        """Row of each id, -1 for ids not in the corpus."""
-        if len(ids) == 0:
-            return np.zeros(0, dtype=np.int64)
-        values = _as_bytes(ids)
-        if values.dtype.itemsize > self._sorted.dtype.itemsize:
-            too_long = pc.binary_length(ids.cast(pa.binary())).to_numpy(zero_copy_only=False) > self._sorted.dtype.itemsize
-            values = np.where(too_long, b"", values).astype(self._sorted.dtype)
-        else:
-            too_long = np.zeros(len(values), dtype=bool)
-        at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
-        found = (self._sorted[at] == values) & ~too_long
-        return np.where(found, self._order[at], -1).astype(np.int64)
-
-    def take(self, rows: np.ndarray) -> pa.Array:
-        return self.array.take(pa.array(rows, type=pa.int64()))
-
-
-def _as_bytes(ids: pa.Array) -> np.ndarray:
-    # numpy's fixed-width bytes compare like memcmp, as Arrow sorts (ids hold no NUL bytes).
-    values = ids.cast(pa.binary()).to_numpy(zero_copy_only=False)
-    return np.array(values, dtype=bytes) if len(values) else np.zeros(0, dtype="S1")
 
 
 class _BatchVectors:
@@ -235,7 +193,7 @@ class CandidatesStage(MapStage):
 
             # Memory-mapped: the workers of one machine share the matrix's pages.
             self._bm25 = BM25Index.load(Path(self.bm25_dir), self.bm25_config, mmap=True)
-            bm25_ids = pa.array(self._bm25.doc_ids, pa.string())
+            bm25_ids = self._bm25.id_array
             if not bm25_ids.equals(self._ids.array):
                 self._bm25_rows = self._ids.rows(bm25_ids)
 
@@ -289,7 +247,7 @@ class CandidatesStage(MapStage):
         q, ids = _flat(column)
         if len(q) == 0:
             return np.zeros(0, np.int64), 0
-        values = _as_bytes(ids)
+        values = id_bytes(ids)
         order = np.lexsort((values, q))
         q_sorted, v_sorted = q[order], values[order]
         new = np.r_[True, (q_sorted[1:] != q_sorted[:-1]) | (v_sorted[1:] != v_sorted[:-1])]

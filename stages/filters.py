@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hardneg.pipeline.errors import FilterSpecError
 from hardneg.stages.base import MapStage, Resources
@@ -379,26 +380,60 @@ LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, computed by FilterS
 class PositiveLexicon:
     """BM25 scores of a query's candidates with each of its positives' texts as the BM25 query
     (the highest over its positives): the run's BM25 index, and the texts of the positives only,
-    read in one scan of the corpus."""
+    read in one scan of the corpus (an Arrow filter per corpus batch, no Python object per
+    document)."""
 
-    def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids: set[str]) -> None:
+    def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids) -> None:
         from hardneg.stages.engines.bm25 import BM25Index
         from hardneg.stages.io import iter_batches
 
         self.index = BM25Index.load(Path(bm25_dir), bm25_config)
-        self.texts: dict[str, str] = {}
-        for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"]):
-            for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()):
-                if doc_id in positive_ids:
-                    self.texts[doc_id] = text
+        wanted = positive_ids if isinstance(positive_ids, (pa.Array, pa.ChunkedArray)) else pa.array(sorted(positive_ids), pa.string())
+        found = [batch.filter(pc.is_in(batch.column("doc_id"), value_set=wanted))
+                 for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"])]
+        table = pa.concat_tables(found) if found else pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+        self._ids = table.column("doc_id").combine_chunks()
+        self._texts = table.column("text").combine_chunks()
+
+    @property
+    def texts(self) -> dict[str, str]:
+        return dict(zip(self._ids.to_pylist(), self._texts.to_pylist()))
 
     def scores(self, row: dict[str, Any]) -> list[float]:
+        """One row's scores (None where no positive has a text): the reference for batch_scores."""
+        texts = self.texts
         candidates = list(row["candidate_ids"])
         best = np.full(len(candidates), -np.inf)
         for positive in row["positive_ids"]:
-            if positive in self.texts and candidates:
-                best = np.maximum(best, np.asarray(self.index.score(self.texts[positive], candidates), dtype=np.float64))
+            if positive in texts and candidates:
+                best = np.maximum(best, np.asarray(self.index.score(texts[positive], candidates), dtype=np.float64))
         return [None if np.isinf(v) else float(v) for v in best]
+
+    def batch_scores(self, batch: pa.Table) -> np.ndarray:
+        """`scores` for every candidate of a batch, flat (NaN for None): every (positive,
+        candidate) pair of a query scored in one sparse gather (`BM25Index.score_rows`)."""
+        ids = _list_column(batch, "candidate_ids")
+        counts = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.cumsum(counts) - counts
+        positives = _list_column(batch, "positive_ids")
+        pos_group = pc.list_parent_indices(positives).to_numpy().astype(np.int64)
+        index = pc.index_in(pc.list_flatten(positives), value_set=self._ids)
+        has = index.is_valid().to_numpy(zero_copy_only=False)
+        at = index.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[has]
+        pos_group = pos_group[has]
+        best = np.full(int(counts.sum()), -np.inf)
+        per_positive = counts[pos_group]
+        if len(best) and per_positive.sum():
+            tokens = self.index.prepare(self._texts.take(pa.array(at)).to_pylist())
+            pair_positive = np.repeat(np.arange(len(at), dtype=np.int64), per_positive)
+            pair_candidate = np.repeat(starts[pos_group] - np.cumsum(per_positive) + per_positive, per_positive) \
+                + np.arange(int(per_positive.sum()))
+            rows = self.index.rows_of(pc.list_flatten(ids))
+            if (rows < 0).any():
+                raise KeyError(f"doc id {pc.list_flatten(ids)[int(np.flatnonzero(rows < 0)[0])]!r} is not in the index")
+            scores = self.index.score_rows(tokens, pair_positive, rows[pair_candidate])
+            np.maximum.at(best, pair_candidate, scores)
+        return np.where(np.isinf(best), np.nan, best)
 
 
 def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None,
@@ -434,6 +469,170 @@ def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str 
     return decisions.tolist()
 
 
+# ---------------------------------------------------------------------------- whole batches
+# FilterStage decides a whole Arrow batch at once: every candidate of every query is one element
+# of flat numpy arrays (`group` = its query's row in the batch), and each filter is a vectorised
+# comparison. `decide` (one row) stays as the reference the batch path is tested against.
+
+
+def _list_column(batch: pa.Table, name: str) -> pa.Array | None:
+    if name not in batch.column_names:
+        return None
+    column = batch.column(name)
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _flat_floats(array: pa.Array | None, counts: np.ndarray) -> np.ndarray:
+    """An aligned list column (one value per candidate) as flat float64, NaN where a value or a
+    whole row's list is null: what `_floats` gives row by row."""
+    total = int(counts.sum())
+    if array is None or array.null_count == len(array):
+        return np.full(total, np.nan)
+    values = pc.fill_null(pc.list_flatten(array).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    if array.null_count == 0:
+        return values
+    out = np.full(total, np.nan)
+    out[np.repeat(array.is_valid().to_numpy(zero_copy_only=False), counts)] = values
+    return out
+
+
+def _positive_minimum(array: pa.Array | None, n_rows: int) -> np.ndarray:
+    """Per row, the lowest known value of its list (NaN if none): QueryView's `positive`."""
+    out = np.full(n_rows, np.nan)
+    if array is None or array.null_count == len(array):
+        return out
+    values = pc.list_flatten(array).cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls: NaN
+    parents = pc.list_parent_indices(array).to_numpy().astype(np.int64)
+    known = ~np.isnan(values)
+    lowest = np.full(n_rows, np.inf)
+    np.minimum.at(lowest, parents[known], values[known])
+    has = np.bincount(parents[known], minlength=n_rows) > 0
+    out[has] = lowest[has]
+    return out
+
+
+@dataclass
+class BatchView:
+    """A batch's candidates as flat arrays, QueryView's fields for all queries at once."""
+
+    group: np.ndarray  # query row of each candidate
+    counts: np.ndarray  # candidates per query
+    ranks: np.ndarray
+    scores: dict[str, np.ndarray]
+    positive: dict[str, np.ndarray]  # per query
+    source_ranks: dict[str, np.ndarray]
+    similarity: np.ndarray
+
+    @classmethod
+    def from_batch(cls, batch: pa.Table) -> "BatchView":
+        ids = _list_column(batch, "candidate_ids")
+        counts = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        n = batch.num_rows
+        ranks = pc.list_flatten(_list_column(batch, "fused_ranks")).to_numpy(zero_copy_only=False).astype(np.int64)
+        return cls(
+            group=np.repeat(np.arange(n, dtype=np.int64), counts),
+            counts=counts,
+            ranks=ranks,
+            scores={kind: _flat_floats(_list_column(batch, c), counts) for kind, c in SCORE_COLUMNS.items()},
+            positive={kind: _positive_minimum(_list_column(batch, c), n) for kind, c in POSITIVE_COLUMNS.items()},
+            source_ranks={kind: _flat_floats(_list_column(batch, c), counts) for kind, c in RANK_COLUMNS.items()},
+            similarity=_flat_floats(_list_column(batch, "positive_similarity"), counts),
+        )
+
+
+def _batch_threshold(view: BatchView, spec: dict[str, Any]) -> np.ndarray:
+    """`_threshold` for every candidate (its query's value; inf where the positive is unknown)."""
+    p = view.positive[spec["score"]]
+    if spec["type"] in ("absolute_margin", "ce_margin"):
+        t = p - spec["value"]
+    elif spec["type"] == "agreement":
+        t = p - spec["margin"]
+    else:
+        t = p - spec["value"] * np.abs(p)
+    return np.where(np.isnan(p), np.inf, t)[view.group]
+
+
+def _batch_above_percentile(s: np.ndarray, group: np.ndarray, n_rows: int, value: float) -> np.ndarray:
+    """`_above_percentile` for every query at once. Queries with the same number of known scores
+    share one np.percentile call along rows (the same arithmetic as one call per query)."""
+    known = ~np.isnan(s)
+    threshold = np.full(n_rows, np.nan)
+    order = np.flatnonzero(known)[np.argsort(group[known], kind="stable")]
+    per_query = np.bincount(group[known], minlength=n_rows)
+    starts = np.cumsum(per_query) - per_query
+    for count in np.unique(per_query[per_query > 0]).tolist():
+        rows = np.flatnonzero(per_query == count)
+        threshold[rows] = np.percentile(s[order[starts[rows, None] + np.arange(count)]], value, axis=1)
+    with np.errstate(invalid="ignore"):
+        return s > threshold[group]
+
+
+def batch_drops(view: BatchView, spec: dict[str, Any]) -> np.ndarray:
+    """`drops` for every candidate of a batch."""
+    kind = spec["type"]
+    if kind == "range_min":
+        return view.ranks <= spec["value"]
+    if kind == "range_max":
+        return view.ranks > spec["value"]
+    with np.errstate(invalid="ignore"):
+        if kind == "near_duplicate":
+            return view.similarity > spec["threshold"]
+        s = view.scores[spec["score"]]
+        if kind in ("max_score", "ce_threshold"):
+            return s > spec["value"]
+        if kind == "min_score":
+            return s < spec["value"]
+        if kind in ("absolute_margin", "relative_margin", "ce_margin"):
+            return s > _batch_threshold(view, spec)
+        if kind == "percentile":
+            return _batch_above_percentile(s, view.group, len(view.counts), spec["value"])
+        if kind == "agreement":
+            votes = sum((r <= spec["top"]).astype(int) for r in view.source_ranks.values())
+            return (votes >= 2) & (s > _batch_threshold(view, spec))
+    raise ValueError(f"unknown filter {kind!r}")
+
+
+def _pu_probabilities(batch: pa.Table, model: PUModel) -> np.ndarray:
+    # The learned filter's features are per query (z-scores, rank shares): computed row by row,
+    # only when a `pu` filter is configured.
+    parts = [model.probabilities(row) for row in batch.to_pylist()]
+    return np.concatenate(parts + [np.zeros(0)]).astype(np.float64)
+
+
+def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, lexical: np.ndarray | None = None,
+                 models: dict[str, PUModel] | None = None, relabel: bool = False) -> pa.Array:
+    """`decide` for every row of a batch: a list<string> column, one decision per candidate.
+    `lexical`: the flat positive_lexical_scores (None: no lexical_duplicate filter can decide)."""
+    view = BatchView.from_batch(batch)
+    names = [KEPT]
+    codes = np.zeros(len(view.ranks), dtype=np.int64)
+    for spec in specs:
+        undecided = codes == 0
+        if spec["type"] == "lexical_duplicate":
+            if lexical is None:
+                continue
+            drop = _batch_above_percentile(lexical, view.group, batch.num_rows, spec["value"])
+        elif spec["type"] == "pu":
+            model = (models or {}).get(spec["name"])
+            if model is None or model.model is None:
+                continue
+            p = _pu_probabilities(batch, model)
+            codes[undecided & (p > model.drop_level)] = len(names)
+            names.append(spec["name"])
+            if relabel:
+                codes[undecided & (p > model.relabel_level) & (p > model.drop_level)] = len(names)
+                names.append(RELABEL + spec["name"])
+            continue
+        else:
+            drop = batch_drops(view, spec)
+        codes[undecided & drop] = len(names)
+        names.append(spec["name"])
+    offsets = np.zeros(len(view.counts) + 1, dtype=np.int32)
+    np.cumsum(view.counts, out=offsets[1:])
+    values = pa.array(names, pa.string()).take(pa.array(codes))
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
 class FilterStage(MapStage):
     name = "filter"
     version = "3"
@@ -467,10 +666,9 @@ class FilterStage(MapStage):
                 raise ValueError("a lexical_duplicate filter needs the BM25 index, the corpus and its input")
             from hardneg.stages.io import iter_batches
 
-            positives: set[str] = set()
-            for batch in iter_batches(Path(self.fit_input), 4096, columns=["positive_ids"]):
-                for ids in batch.column("positive_ids").to_pylist():
-                    positives.update(ids)
+            parts = [pc.list_flatten(batch.column("positive_ids").combine_chunks())
+                     for batch in iter_batches(Path(self.fit_input), 65_536, columns=["positive_ids"])]
+            positives = pc.unique(pa.chunked_array(parts, pa.string())) if parts else pa.array([], pa.string())
             self._lexicon = PositiveLexicon(Path(self.bm25_dir), self.bm25_config, Path(self.corpus_dir), positives)
 
     def fit(self) -> dict[str, PUModel]:
@@ -499,13 +697,10 @@ class FilterStage(MapStage):
     def transform(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
         relabel = self.false_negatives == "relabel"
-        rows = batch.to_pylist()
-        if self._lexicon is not None:
-            for row in rows:
-                row[LEXICAL_COLUMN] = self._lexicon.scores(row)
-        decisions = [decide(row, self.specs, models=self._models, relabel=relabel) for row in rows]
+        lexical = self._lexicon.batch_scores(batch) if self._lexicon is not None else None
+        decisions = decide_batch(batch, self.specs, lexical=lexical, models=self._models, relabel=relabel)
         if "ce_scores" not in batch.column_names:
             n = batch.num_rows
             batch = batch.append_column("positive_ce_scores", pa.nulls(n, pa.list_(pa.float32())))
             batch = batch.append_column("ce_scores", pa.nulls(n, pa.list_(pa.float32())))
-        return batch.append_column("decisions", pa.array(decisions, type=pa.list_(pa.string())))
+        return batch.append_column("decisions", decisions)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 from hardneg.stages.base import GlobalStage
-from hardneg.stages.candidates import DocIds
+from hardneg.stages.io import DocIds
 from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, parquet_files, release_pages
 
 

@@ -193,7 +193,9 @@ def _iter_jsonl(path: Path, rejects: Rejects, pair: bool = False) -> Iterator[tu
         if not isinstance(obj, dict):
             rejects.add(path.name, number, None, "not_an_object", pair=pair)
             continue
-        if _has_lone_surrogate(obj):
+        # A lone surrogate can only come from a \\uD800-\\uDFFF escape (the bytes decoded as strict
+        # UTF-8): lines without one skip the walk over every string of the object.
+        if (b"\\ud" in raw or b"\\uD" in raw) and _has_lone_surrogate(obj):
             rejects.add(path.name, number, None, "invalid_unicode", "a lone surrogate escape (\\udXXX)", pair=pair)
             continue
         yield number, obj
@@ -328,8 +330,12 @@ class IngestStage(GlobalStage):
     def _read_corpus_jsonl(self, path: Path, corpus: ShardWriter, rejects: Rejects, id_key: str = "_id", text_key: str = "text",
                            rows: Iterator[tuple[int, dict]] | None = None, seen: _Collected | None = None) -> _Collected:
         """The corpus from JSON objects (`rows`: the same from another format, e.g. CSV)."""
+        # Content ids of corpus texts are looked up only by pair files' positives (a BEIR corpus,
+        # read with no `seen` yet, never needs them: a sha1 per document saved).
+        hash_texts = seen is not None
         seen = seen or _Collected()
-        buffer: list[dict] = []
+        ids: list[str] = []
+        texts: list[str] = []
         for line, obj in rows if rows is not None else _iter_jsonl(path, rejects):
             doc_id = _as_id(obj.get(id_key))
             if doc_id is None:
@@ -344,14 +350,16 @@ class IngestStage(GlobalStage):
                 rejects.add(path.name, line, doc_id, "duplicate_id", "the first occurrence wins")
                 continue
             seen.corpus_ids.add(doc_id)
-            seen.text_to_doc.setdefault(content_id(text), doc_id)
+            if hash_texts:
+                seen.text_to_doc.setdefault(content_id(text), doc_id)
             if seen.doc_texts is not None:  # a positive of this id may come with the text alone
                 seen.doc_texts[doc_id] = {content_id(text), content_id(_as_text(obj.get(text_key)) or text)}
-            buffer.append({"doc_id": doc_id, "text": text})
-            if len(buffer) >= 50_000:
-                corpus.write_rows(buffer)
-                buffer = []
-        corpus.write_rows(buffer)
+            ids.append(doc_id)
+            texts.append(text)
+            if len(ids) >= 50_000:
+                _write_corpus(corpus, ids, texts)
+                ids, texts = [], []
+        _write_corpus(corpus, ids, texts)
         return seen
 
     def _read_beir(self, folder: Path, corpus: ShardWriter, rejects: Rejects):
@@ -547,6 +555,12 @@ class IngestStage(GlobalStage):
                 ]
             )
         return {"pairs": len(pairs), "queries": len(grouped)}
+
+
+def _write_corpus(corpus: ShardWriter, ids: list[str], texts: list[str]) -> None:
+    # Two columns built directly: the same table as write_rows' dicts, without a dict per row.
+    if ids:
+        corpus.write(pa.table({"doc_id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}, schema=schemas.CORPUS))
 
 
 def _dedupe_pairs(pairs: list[tuple[str, str]], source: str, rejects: Rejects):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -106,6 +107,8 @@ class VectorFile:
             block = unique[b0:b0 + self.BLOCK]
             out[b0:b0 + len(block)] = self._matrix[block]
             self._release(int(block[0]), int(block[-1]) + 1)
+        if len(unique) == len(rows) and (len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())):
+            return out  # already sorted and distinct: the gather below would only copy
         return out[inverse.reshape(-1)]
 
 
@@ -165,3 +168,45 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class DocIds:
+    """The corpus's document ids (an Arrow array, row order) with numpy lookups: id -> row by a
+    binary search of the ids' UTF-8 bytes, row -> string-order rank. No Python object per
+    document (a dict of a million ids costs ~100 MB per worker)."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        self.array = ids.cast(pa.string())
+        order = pc.sort_indices(self.array).to_numpy()  # bytewise UTF-8 = code point order
+        self.rank = np.empty(len(order), dtype=np.int64)
+        self.rank[order] = np.arange(len(order))
+        self._order = order
+        self._sorted = id_bytes(self.array.take(pa.array(order)))
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def rows(self, ids: pa.Array) -> np.ndarray:
+        """Row of each id, -1 for ids not in the corpus."""
+        if len(ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        values = id_bytes(ids)
+        if values.dtype.itemsize > self._sorted.dtype.itemsize:
+            too_long = pc.binary_length(ids.cast(pa.binary())).to_numpy(zero_copy_only=False) > self._sorted.dtype.itemsize
+            values = np.where(too_long, b"", values).astype(self._sorted.dtype)
+        else:
+            too_long = np.zeros(len(values), dtype=bool)
+        at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
+        found = (self._sorted[at] == values) & ~too_long
+        return np.where(found, self._order[at], -1).astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        return self.array.take(pa.array(rows, type=pa.int64()))
+
+
+def id_bytes(ids: pa.Array) -> np.ndarray:
+    # numpy's fixed-width bytes compare like memcmp, as Arrow sorts (ids hold no NUL bytes).
+    values = ids.cast(pa.binary()).to_numpy(zero_copy_only=False)
+    return np.array(values, dtype=bytes) if len(values) else np.zeros(0, dtype="S1")

@@ -27,7 +27,7 @@ class CorpusTexts:
     ids and keeps just those texts."""
 
     def __init__(self, directory: Path) -> None:
-        from hardneg.stages.candidates import DocIds
+        from hardneg.stages.io import DocIds
 
         self._files = [pq.ParquetFile(f) for f in parquet_files(directory)]
         ids, where = [], []

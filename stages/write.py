@@ -55,7 +55,7 @@ class WriteStage(GlobalStage):
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
         mined = read_table(inputs["mined"], schemas.MINED).sort_by("pair_order")
         ingest_rejects = read_table(inputs["rejects"], schemas.REJECTS)
-        flagged = np.asarray(mined.column("inconsistent").fill_null(False).to_pylist(), dtype=bool)
+        flagged = mined.column("inconsistent").fill_null(False).to_numpy().astype(bool)
         new_rejects = [
             {"stage": "consistency", "source": "candidates", "line": None, "id": r["pair_id"], "reason": "positive_inconsistent",
              "detail": f"positive {r['positive_id']} ranks {r['positive_rank']} for its query (dense score "
@@ -78,7 +78,7 @@ class WriteStage(GlobalStage):
         rejects = pa.concat_tables([ingest_rejects, pa.Table.from_pylist(new_rejects, schema=schemas.REJECTS)])
         stats = self._stats(mined, inputs, rejects, int((~full).sum()))
         stats["pairs_inconsistent"] = int(flagged.sum())
-        stats["extra_positives"] = int(sum(len(ids or []) for ids in mined.column("extra_positive_ids").to_pylist()))
+        stats["extra_positives"] = int(pc.sum(pc.list_value_length(mined.column("extra_positive_ids")).fill_null(0)).as_py() or 0)
         table = to_format(mined, self.format, self.num_negatives, self.metadata_columns, relabel=self.relabel)
         write_dataset(table, out_dir, self.layout)
         with ShardWriter(out_dir / "rejects", schemas.REJECTS, prefix="rejects") as writer:
@@ -95,18 +95,10 @@ class WriteStage(GlobalStage):
             raise AccountingError(f"{pairs_in} input pairs != {pairs_out} written + {sum(pair_rejects.values())} rejected")
         decisions: dict[str, int] = {}
         per_source: dict[str, dict[str, int]] = {}
-        for batch in iter_batches(inputs["filtered"], 4096, columns=["decisions", "sources"]):
-            for row_decisions, row_sources in zip(batch.column("decisions").to_pylist(), batch.column("sources").to_pylist()):
-                for decision, sources in zip(row_decisions, row_sources):
-                    decisions[decision] = decisions.get(decision, 0) + 1
-                    for source in sources:
-                        bucket = per_source.setdefault(source, {})
-                        bucket[decision] = bucket.get(decision, 0) + 1
-        negatives_per_source: dict[str, int] = {}
-        for sources in mined.column("negative_sources").to_pylist():
-            for negative in sources or []:
-                for source in negative:
-                    negatives_per_source[source] = negatives_per_source.get(source, 0) + 1
+        for batch in iter_batches(inputs["filtered"], 65_536, columns=["decisions", "sources"]):
+            _count_decisions(batch, decisions, per_source)
+        negatives_per_source = {source: int(n) for source, n, _ in _first_seen_counts(
+            pc.list_flatten(pc.list_flatten(mined.column("negative_sources"))))}
         return {
             "input_pairs": pairs_in,
             "output_pairs": pairs_out,
@@ -134,8 +126,50 @@ def _pair_rejects(rejects: pa.Table) -> dict[str, int]:
     return _by_reason(rejects.filter(rejects.column("pair")))
 
 
+def _first_seen_counts(values: pa.Array | pa.ChunkedArray, by: np.ndarray | None = None):
+    """(value, count, codes) of each distinct string, in order of first appearance (a Python
+    dict's insertion order); `codes`: each element's index into that order."""
+    encoded = pc.dictionary_encode(values).combine_chunks() if isinstance(values, pa.ChunkedArray) else pc.dictionary_encode(values)
+    if not len(encoded):
+        return []
+    codes = encoded.indices.to_numpy().astype(np.int64)
+    unique, first, inverse, counts = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    names = encoded.dictionary.to_pylist()
+    return [(names[unique[i]], counts[i], rank[inverse.reshape(-1)]) for i in order]
+
+
+def _count_decisions(batch: pa.Table, decisions: dict[str, int], per_source: dict[str, dict[str, int]]) -> None:
+    """Add one batch of candidates to the decision counts, overall and per source (each source's
+    buckets created in order of first appearance, as the per-candidate loop did)."""
+    flat = pc.list_flatten(batch.column("decisions"))
+    for decision, n, _ in _first_seen_counts(flat):
+        decisions[decision] = decisions.get(decision, 0) + int(n)
+    sources = pc.list_flatten(batch.column("sources"))  # one list per candidate
+    entries = pc.list_flatten(sources)
+    if not len(entries):
+        return
+    owner = pc.list_parent_indices(sources).to_numpy().astype(np.int64)
+    decision_of = pc.dictionary_encode(flat).combine_chunks()
+    names = decision_of.dictionary.to_pylist()
+    codes = decision_of.indices.to_numpy().astype(np.int64)[owner]
+    source_names = [name for name, _, _ in _first_seen_counts(entries)]
+    source_codes = _first_seen_counts(entries)[0][2]
+    keys = source_codes * len(names) + codes
+    unique, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    for i in np.argsort(first, kind="stable"):
+        source, decision = source_names[unique[i] // len(names)], names[unique[i] % len(names)]
+        bucket = per_source.setdefault(source, {})
+        bucket[decision] = bucket.get(decision, 0) + int(counts[i])
+
+
 def describe(values: np.ndarray) -> dict[str, float | int]:
-    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        values = values.astype(np.float64)  # no None in a float array: the same values as below
+    else:
+        values = np.asarray([v for v in values if v is not None], dtype=np.float64)
     values = values[~np.isnan(values)]
     if not len(values):
         return {"count": 0}
@@ -145,31 +179,49 @@ def describe(values: np.ndarray) -> dict[str, float | int]:
 
 
 def _scores_per_source(mined: pa.Table) -> dict[str, dict]:
-    out: dict[str, list[float]] = {}
-    for scores, sources in zip(mined.column("negative_scores").to_pylist(), mined.column("negative_sources").to_pylist()):
-        for score, negative_sources in zip(scores or [], sources or []):
-            for source in negative_sources:
-                out.setdefault(source, []).append(score)
-    return {source: describe(np.array(values, dtype=np.float64)) for source, values in out.items()}
+    """Each source's negative scores (a negative counts for each source that found it), in the
+    order the per-row loop met them, described."""
+    scores, sources = mined.column("negative_scores"), mined.column("negative_sources")
+    both = pc.and_(scores.is_valid(), sources.is_valid())
+    scores, sources = scores.filter(both).combine_chunks(), sources.filter(both).combine_chunks()
+    per_negative = pc.list_flatten(sources)
+    entries = pc.list_flatten(per_negative)
+    if not len(entries):
+        return {}
+    values = pc.list_flatten(scores).cast(pa.float64()).to_numpy(zero_copy_only=False)[
+        pc.list_parent_indices(per_negative).to_numpy().astype(np.int64)]
+    seen = _first_seen_counts(entries)
+    codes = seen[0][2]
+    return {source: describe(values[codes == i]) for i, (source, _, _) in enumerate(seen)}
 
 
 def _join_texts(mined: pa.Table, corpus_dir: Path) -> pa.Table:
-    """Fill in positive and negative texts, scanning the corpus once for just the needed ids."""
-    needed = set(mined.column("positive_id").to_pylist())
-    for column in ("negative_ids", "extra_positive_ids"):
-        for ids in mined.column(column).to_pylist():
-            needed.update(ids or [])
-    texts: dict[str, str] = {}
-    for batch in iter_batches(corpus_dir, 100_000):
-        for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()):
-            if doc_id in needed:
-                texts[doc_id] = text
-    positives = pa.array([texts[d] for d in mined.column("positive_id").to_pylist()], type=pa.string())
-    negatives = pa.array([[texts[d] for d in ids or []] for ids in mined.column("negative_ids").to_pylist()], type=pa.list_(pa.string()))
-    extras = pa.array([[texts[d] for d in ids or []] for ids in mined.column("extra_positive_ids").to_pylist()], type=pa.list_(pa.string()))
-    mined = mined.set_column(mined.schema.get_field_index("positive"), "positive", positives)
-    mined = mined.set_column(mined.schema.get_field_index("extra_positives"), "extra_positives", extras)
-    return mined.set_column(mined.schema.get_field_index("negatives"), "negatives", negatives)
+    """Fill in positive and negative texts, scanning the corpus once for just the needed ids
+    (an Arrow filter per corpus batch, then lookups by index)."""
+    needed = pc.unique(pa.chunked_array(
+        [mined.column("positive_id").combine_chunks()]
+        + [pc.list_flatten(mined.column(c)).combine_chunks() for c in ("negative_ids", "extra_positive_ids")], pa.string()))
+    found = [b.filter(pc.is_in(b.column("doc_id"), value_set=needed))
+             for b in iter_batches(corpus_dir, 100_000, columns=["doc_id", "text"])]
+    found = pa.concat_tables(found).combine_chunks() if found else pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+    ids, texts = found.column("doc_id").combine_chunks(), found.column("text").combine_chunks()
+
+    def lookup(values: pa.Array) -> pa.Array:
+        at = pc.index_in(values, value_set=ids)
+        if at.null_count:
+            raise KeyError(values[int(np.flatnonzero(at.is_null().to_numpy(zero_copy_only=False))[0])].as_py())
+        return texts.take(at)
+
+    def lists(column: str) -> pa.Array:
+        array = mined.column(column).combine_chunks()
+        counts = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+        np.cumsum(counts, out=offsets[1:])
+        return pa.ListArray.from_arrays(pa.array(offsets), lookup(pc.list_flatten(array)).cast(pa.string()))
+
+    mined = mined.set_column(mined.schema.get_field_index("positive"), "positive", lookup(mined.column("positive_id").combine_chunks()))
+    mined = mined.set_column(mined.schema.get_field_index("extra_positives"), "extra_positives", lists("extra_positive_ids"))
+    return mined.set_column(mined.schema.get_field_index("negatives"), "negatives", lists("negative_ids"))
 
 
 def to_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: bool = False) -> pa.Table:
@@ -177,6 +229,14 @@ def to_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: boo
     `extra_positives` (texts) and `extra_positive_ids` columns in n-tuple and triplet rows, label-1
     rows right after the pair's positive in labeled-pair, and label-1 passages right after it in
     labeled-list; they are never negatives."""
+    if format in ("n-tuple", "triplet") and mined.num_rows:
+        return _columnar_format(mined, format, k, metadata, relabel)
+    return rows_format(mined, format, k, metadata, relabel)
+
+
+def rows_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: bool = False) -> pa.Table:
+    """`to_format` built row by row from Python dicts: the labeled-* formats, and the reference
+    the columnar n-tuple and triplet builders are tested against."""
     rows = mined.to_pylist()
     for r in rows:
         r["extra_positive_ids"] = list(r.get("extra_positive_ids") or []) if relabel else []
@@ -231,6 +291,65 @@ def to_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: boo
         names = columns or ["query", "positive"]
         table = pa.table({n: pa.array([], type=pa.string()) for n in names})
     return table
+
+
+def _inferred(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The array with the type pa.Table.from_pylist infers from its Python values (what the
+    row-by-row writer produced): double for floats, int64 for integers, null where every value
+    is null, recursively through lists."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if array.null_count == len(array):
+        return pa.nulls(len(array))
+    kind = array.type
+    if pa.types.is_list(kind):
+        mask = array.is_null() if array.null_count else None
+        return pa.ListArray.from_arrays(array.offsets, _inferred(array.values), mask=mask)
+    if pa.types.is_floating(kind):
+        return array.cast(pa.float64())
+    if pa.types.is_integer(kind):
+        return array.cast(pa.int64())
+    return array
+
+
+def _element_per_row(values: pa.Array, at: pa.Array, position: np.ndarray) -> pa.Array:
+    """values[at[j]][position[j]] for each output row j; null where that list is null."""
+    if values.null_count == len(values) or not len(values.values):
+        return pa.nulls(len(position))
+    index = values.offsets.to_numpy()[:-1][at.to_numpy()] + position
+    element = values.values.take(pa.array(np.minimum(index, len(values.values) - 1)))
+    return pc.if_else(values.is_valid().take(at), element, pa.nulls(len(element), element.type))
+
+
+def _columnar_format(mined: pa.Table, format: str, k: int, metadata: bool, relabel: bool) -> pa.Table:
+    """n-tuple and triplet rows from whole columns: the same columns, order and inferred types
+    as the row-by-row construction (whose columns are its first row's keys)."""
+    n = mined.num_rows
+    empty = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
+    extras = {m: (pc.if_else(mined.column(m).is_null(), empty, mined.column(m)) if relabel else empty)
+              for m in ("extra_positives", "extra_positive_ids")}
+    extra_columns = ["extra_positives", "extra_positive_ids"] if relabel else []
+    negatives = mined.column("negatives").combine_chunks()
+    if format == "n-tuple":
+        columns = {"query": mined.column("query"), "positive": mined.column("positive"),
+                   **{f"negative_{i + 1}": pc.list_element(negatives, i) for i in range(k)},
+                   **{m: extras[m] for m in extra_columns}}
+        if metadata:
+            columns.update({m: mined.column(m) for m in METADATA})
+            first = mined.slice(0, 1)
+            columns.update({m: pc.list_slice(mined.column(m).combine_chunks(), 0, k) for m in NEGATIVE_METADATA
+                            if first.column(m).is_valid()[0].as_py()})
+        return pa.table({name: _inferred(column) for name, column in columns.items()})
+    at = pa.array(np.repeat(np.arange(n), k))  # triplet: k rows per pair, negatives in order
+    position = np.tile(np.arange(k), n)
+    flat_at = pa.array(negatives.offsets.to_numpy()[:-1].repeat(k) + position)
+    columns = {"query": mined.column("query").take(at), "positive": mined.column("positive").take(at),
+               "negative": negatives.values.take(flat_at), **{m: extras[m].take(at) for m in extra_columns}}
+    if metadata:
+        columns.update({m: mined.column(m).take(at) for m in METADATA})
+        for m in NEGATIVE_METADATA:
+            columns[m[:-1] if m.endswith("s") else m] = _element_per_row(mined.column(m).combine_chunks(), at, position)
+    return pa.table({name: _inferred(column) for name, column in columns.items()})
 
 
 def write_dataset(table: pa.Table, out_dir: Path, layout: str) -> None:

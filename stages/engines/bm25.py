@@ -76,6 +76,7 @@ from typing import Literal
 import bm25s
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import Stemmer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -212,16 +213,18 @@ class BM25Index:
         okapi: BM25Okapi | None = None,
         corpus_tokens: list[list[str]] | None = None,
     ) -> None:
+        from hardneg.stages.io import DocIds
+
         self.cfg = cfg
-        self.doc_ids = list(doc_ids)
+        # The ids as an Arrow array with numpy lookups (no Python object per document);
+        # `doc_ids` reads like the list it was.
+        self._ids = DocIds(_id_array(doc_ids))
+        self.doc_ids = _IdSequence(self._ids.array)
         self._retriever = retriever
         self._okapi = okapi
         self._corpus_tokens = corpus_tokens  # kept for rank_bm25 only (saved, rebuilt)
         # rank[i] = position of doc i in doc-id string order: the tie-break key.
-        order = sorted(range(len(self.doc_ids)), key=self.doc_ids.__getitem__)
-        self._rank = np.empty(len(order), dtype=np.int64)
-        self._rank[order] = np.arange(len(order))
-        self._pos: dict[str, int] | None = None  # doc id -> row, built on first score()
+        self._rank = self._ids.rank
 
     # ------------------------------------------------------------------ build / io
 
@@ -229,9 +232,9 @@ class BM25Index:
     def build(cls, doc_ids: list[str], texts: list[str], cfg: BM25Config) -> "BM25Index":
         if len(doc_ids) != len(texts):
             raise ValueError(f"{len(doc_ids)} doc ids but {len(texts)} texts")
-        if not doc_ids:
+        if not len(doc_ids):
             raise ValueError("cannot index an empty corpus")
-        if len(set(doc_ids)) != len(doc_ids):
+        if pc.count_distinct(_id_array(doc_ids)).as_py() != len(doc_ids):
             raise ValueError("doc ids must be unique")
         tokens = tokenize(texts, cfg)
         if cfg.engine == "bm25s":
@@ -251,7 +254,7 @@ class BM25Index:
             "num_docs": len(self.doc_ids),
         }
         (directory / "meta.json").write_text(json.dumps(meta, indent=2))
-        pq.write_table(pa.table({"doc_id": pa.array(self.doc_ids, pa.string())}),
+        pq.write_table(pa.table({"doc_id": self._ids.array}),
                        directory / "doc_ids.parquet")
         if self._retriever is not None:
             # bm25s writes .npy with allow_pickle=False plus JSON vocab/params.
@@ -274,7 +277,7 @@ class BM25Index:
         # would silently give wrong scores, so refuse it.
         if stored != cfg:
             raise ValueError(f"index at {directory} was built with {stored}, not {cfg}")
-        doc_ids = pq.read_table(directory / "doc_ids.parquet").column("doc_id").to_pylist()
+        doc_ids = pq.read_table(directory / "doc_ids.parquet").column("doc_id").combine_chunks()
         if cfg.engine == "bm25s":
             retriever = bm25s.BM25.load(directory / "bm25s", allow_pickle=False, mmap=mmap)
             if retriever.scores["num_docs"] != len(doc_ids):
@@ -312,7 +315,7 @@ class BM25Index:
             else:
                 rows = [self._top_k(self._okapi_scores(q), k) for q in batch]
             for idx, sc in rows:
-                ids_out.append([self.doc_ids[i] for i in idx.tolist()])
+                ids_out.append(self._ids.take(idx).to_pylist())
                 scores_out.append(sc.tolist())
         return ids_out, scores_out
 
@@ -322,12 +325,9 @@ class BM25Index:
         Touches only the given docs, never the whole corpus, and sums terms in the
         same order as ``search`` -- the values are identical to ``search``'s.
         """
-        if self._pos is None:
-            self._pos = {d: i for i, d in enumerate(self.doc_ids)}
-        try:
-            rows = np.array([self._pos[d] for d in doc_ids], dtype=np.int64)
-        except KeyError as e:
-            raise KeyError(f"doc id {e.args[0]!r} is not in the index") from None
+        rows = self.rows_of(pa.array(list(doc_ids), pa.string()))
+        if (rows < 0).any():
+            raise KeyError(f"doc id {list(doc_ids)[int(np.flatnonzero(rows < 0)[0])]!r} is not in the index")
         tokens = tokenize([query_text], self.cfg)[0]
         if self._okapi is not None:
             tokens = [t for t in tokens if t in self._okapi.idf]
@@ -346,6 +346,15 @@ class BM25Index:
             hit = col[at] == rows
             out[hit] += data[lo + at[hit]]
         return out.tolist()
+
+    @property
+    def id_array(self) -> pa.Array:
+        """The doc ids in index row order, as an Arrow string array."""
+        return self._ids.array
+
+    def rows_of(self, ids: pa.Array) -> np.ndarray:
+        """The index row of each doc id (-1 for an id not in the index)."""
+        return self._ids.rows(ids)
 
     # ------------------------------------------------------------------ batched queries
 
@@ -447,26 +456,12 @@ class BM25Index:
         for i, t in enumerate(token_ids):
             table[i, : len(t)] = t
         rows = np.asarray(rows, dtype=np.int64)
-        for j in range(width):
-            terms = table[query, j]
-            has = terms >= 0
-            if not has.any():
-                continue
-            t, r = terms[has], rows[has]
-            lo, end = indptr[t].astype(np.int64), indptr[t + 1].astype(np.int64)
-            hi = end.copy()
-            while True:  # vectorised binary search: first posting >= row, per pair
-                open_ = lo < hi
-                if not open_.any():
-                    break
-                mid = (lo + hi) // 2
-                less = open_ & (indices[np.minimum(mid, len(indices) - 1)] < r)
-                lo = np.where(less, mid + 1, lo)
-                hi = np.where(open_ & ~less, mid, hi)
-            hit = lo < end
-            hit[hit] = indices[lo[hit]] == r[hit]
-            where = np.flatnonzero(has)[hit]
-            out[where] += data[lo[hit]]
+        terms = table[query]
+        pair, column = np.nonzero(terms >= 0)  # every (pair, query term), by pair then term
+        hit, weight = _posting_weights(data, indices, indptr, terms[pair, column], rows[pair])
+        for j in range(width):  # terms added in query order, from 0.0: `score`'s sums
+            at = hit & (column == j)
+            out[pair[at]] += weight[at]
         return out
 
     # ------------------------------------------------------------------ internals
@@ -525,9 +520,31 @@ class BM25IndexStage(GlobalStage):
         from hardneg.stages.io import read_table
 
         corpus = read_table(inputs["corpus"], columns=["doc_id", "text"])
-        index = BM25Index.build(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist(), self.cfg)
+        index = BM25Index.build(corpus.column("doc_id").combine_chunks(), corpus.column("text").to_pylist(), self.cfg)
         index.save(out_dir)
         return {"documents": corpus.num_rows, "engine": self.cfg.engine}
+
+
+def _posting_weights(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: np.ndarray,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each (term, row): whether the row is in the term's postings, and its weight there.
+    One np.searchsorted per distinct term over its sorted postings (the entries grouped by term)."""
+    if not len(terms):
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    order = np.argsort(terms, kind="stable")
+    sorted_terms = terms[order]
+    sorted_rows = rows[order].astype(indices.dtype)  # searchsorted would otherwise copy each posting list
+    bounds = np.flatnonzero(np.r_[True, sorted_terms[1:] != sorted_terms[:-1], True])
+    found = np.zeros(len(terms), dtype=bool)
+    where = np.zeros(len(terms), dtype=np.int64)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        lo, hi = int(indptr[sorted_terms[a]]), int(indptr[sorted_terms[a] + 1])
+        if hi == lo:
+            continue
+        at = lo + np.minimum(np.searchsorted(indices[lo:hi], sorted_rows[a:b]), hi - lo - 1)
+        found[order[a:b]] = indices[at] == sorted_rows[a:b]
+        where[order[a:b]] = at
+    return found, np.where(found, data[where], 0.0)
 
 
 def _first_k_per_group(group: np.ndarray, k: int, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -539,3 +556,29 @@ def _first_k_per_group(group: np.ndarray, k: int, *columns: np.ndarray) -> tuple
     position = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
     keep = position < k
     return (group[keep], *(c[keep] for c in columns))
+
+
+def _id_array(doc_ids) -> pa.Array:
+    if isinstance(doc_ids, pa.ChunkedArray):
+        return doc_ids.combine_chunks().cast(pa.string())
+    if isinstance(doc_ids, pa.Array):
+        return doc_ids.cast(pa.string())
+    return pa.array(list(doc_ids), pa.string())
+
+
+class _IdSequence:
+    """Read-only list view of an Arrow string array: `ids[i]` is a Python str, made on access."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self._array = array
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._array[i].to_pylist()
+        return self._array[i].as_py()
+
+    def __iter__(self):
+        return iter(self._array.to_pylist())
