@@ -65,16 +65,20 @@ RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup
 # "wise_alpha" (WiSE-FT weight interpolation with the base; 1 = none) and "loss" ("mnrl" or
 # "gist": in-batch negatives the frozen base model scores above the positive are masked).
 _GENTLE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1}
+_STRONG = {**_GENTLE, "epochs": 2, "lr": 5e-5}
 _GIST = {**_GENTLE, "loss": "gist"}
-TUNE_RECIPES = [
+TUNE_RECIPES = [  # every entry of the search in RESULTS.md, in the order it ran
     _GENTLE,  # last session's recipe
     {**_GENTLE, "wise_alpha": 0.5},
     {**_GENTLE, "wise_alpha": 0.7},
-    _GIST,
+    _GIST,  # the frozen RECIPE
     {**_GIST, "wise_alpha": 0.5},
-    {**_GIST, "lr": 5e-5, "epochs": 2},
-    {**_GIST, "lr": 5e-5, "epochs": 2, "wise_alpha": 0.5},
-    {**_GIST, "lr": 5e-5, "epochs": 2, "wise_alpha": 0.7},
+    _STRONG,
+    {**_STRONG, "wise_alpha": 0.5},
+    {**_STRONG, "wise_alpha": 0.3},
+    {**_STRONG, "loss": "gist"},
+    {**_STRONG, "loss": "gist", "wise_alpha": 0.7},
+    {**_STRONG, "loss": "gist", "wise_alpha": 0.5},
 ]
 
 
