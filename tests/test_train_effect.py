@@ -38,6 +38,23 @@ def test_paired_bootstrap_interval_covers_a_known_shift() -> None:
     assert lo < mean < hi and lo > 0.05
 
 
+def test_wise_ft_interpolation_is_the_weighted_mean_of_base_and_fine_tuned() -> None:
+    import torch
+    import train_effect
+
+    base = {name: value.clone() for name, value in train_effect.base_model(32).state_dict().items()}
+    for alpha in (0.0, 0.3):
+        moved = train_effect.base_model(32)
+        with torch.no_grad():
+            for parameter in moved.parameters():
+                parameter.add_(1.0)  # a "fine-tune" that moved every weight by exactly 1
+        mixed = train_effect.interpolate_with_base(moved, alpha, 32).state_dict()
+        name = next(n for n, v in base.items() if v.is_floating_point() and v.ndim == 2)
+        assert torch.allclose(mixed[name], base[name] + alpha, atol=1e-5), (alpha, name)
+    untouched = train_effect.base_model(32)
+    assert train_effect.interpolate_with_base(untouched, 1.0, 32) is untouched  # alpha 1: the plain fine-tune
+
+
 @pytest.mark.slow
 def test_quick_prints_finite_table_with_expected_rows(warm_work_dir: Path, tmp_path: Path) -> None:
     summary_file = tmp_path / "summary.json"
