@@ -459,8 +459,13 @@ class BM25Index:
         terms = table[query]
         pair, column = np.nonzero(terms >= 0)  # every (pair, query term), by pair then term
         hit, weight = _posting_weights(data, indices, indptr, terms[pair, column], rows[pair])
-        for j in range(width):  # terms added in query order, from 0.0: `score`'s sums
-            at = hit & (column == j)
+        # Terms added in query order, from 0.0: `score`'s sums. Entries grouped by term position
+        # once (a pair has at most one entry per position), not a pass over all of them per term.
+        order = np.argsort(column, kind="stable")
+        bounds = np.searchsorted(column[order], np.arange(width + 1))
+        for j in range(width):
+            at = order[bounds[j]:bounds[j + 1]]
+            at = at[hit[at]]
             out[pair[at]] += weight[at]
         return out
 
