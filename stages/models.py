@@ -141,8 +141,8 @@ def pick_precision(precision: str, device: str) -> str:
 
 
 def pick_backend(backend: str, device: str, precision: str) -> str:
-    """auto: OpenVINO where it is fastest by far — a CPU with native bf16 (about 3x torch's bf16
-    autocast, `benchmarks/RESULTS.md`) — when it is installed; torch everywhere else (on fp32
+    """auto: OpenVINO where it is clearly faster — a CPU with native bf16 (1.4x torch's bf16
+    autocast on Cranfield, `benchmarks/RESULTS.md`) — when it is installed; torch everywhere else (on fp32
     its gain is small and torch fp32 is the reference)."""
     from hardneg.stages.engines import openvino as openvino_engine
 
