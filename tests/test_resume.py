@@ -55,7 +55,8 @@ def test_local_run_killed_at_each_stage_resumes_to_the_same_rows(small_beir, ref
     watcher.start()
     try:
         # 1. During embedding: the corpus is being embedded into its temp folder.
-        run = Run(cmd, tmp_path, "1-embed")
+        # Each corpus batch held 20 s: the kill lands mid-embedding however fast the machine.
+        run = Run(cmd, tmp_path, "1-embed", HARDNEG_TEST_BATCH_DELAY="embed_corpus:20")
         run.wait_until(lambda: any(work.glob(".tmp-embed_corpus-*")), what="the embed_corpus temp folder")
         time.sleep(2.0)
         assert not run.kill(), "processes outlived the killed run"
@@ -97,7 +98,7 @@ def test_ray_run_killed_while_embedding_resumes_to_the_same_rows(small_beir, ref
     watcher = Watcher(work, [out])
     watcher.start()
     try:
-        run = Run(cmd, tmp_path, "ray-killed")
+        run = Run(cmd, tmp_path, "ray-killed", HARDNEG_TEST_BATCH_DELAY="embed_corpus:20")
         run.wait_until(lambda: any(work.glob(".tmp-embed_corpus-*")), what="the embed_corpus temp folder")
         time.sleep(3.0)
         killed = run

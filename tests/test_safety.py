@@ -43,7 +43,8 @@ def test_trust_remote_code_reaches_every_model_load(tmp_path, monkeypatch, trust
     """The flag travels from the config to every model stage the runner builds, and from each
     stage to the sentence-transformers constructor it calls."""
     beir = _beir(tmp_path / "beir", ["1", "2"], ["q1"])
-    keys = dict(beir=beir, out=tmp_path / "out", cross_encoder="some/cross-encoder", runner="local")
+    # torch: the fake model below stands in for sentence-transformers' classes, not OpenVINO's engine.
+    keys = dict(beir=beir, out=tmp_path / "out", cross_encoder="some/cross-encoder", runner="local", embed_backend="torch")
     if trust:
         keys["trust_remote_code"] = True
     pipe = Pipeline(MineConfig(**keys), progress=False)

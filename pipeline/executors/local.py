@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hardneg.pipeline.progress import progress_bar
+from hardneg.pipeline.executors import batch_delay_for_tests
 from hardneg.stages.base import MapStage
 from hardneg.stages.io import ShardWriter, count_rows, iter_batches
 
@@ -22,6 +23,7 @@ class LocalExecutor:
         total = count_rows(input_dir)
         with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
             for batch in iter_batches(input_dir, stage.resources.batch_size):
+                batch_delay_for_tests(stage.name)
                 writer.write(stage(batch))
                 bar.update(batch.num_rows)
         return writer.rows

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from collections import deque
 from pathlib import Path
 
 from hardneg.pipeline.errors import WorkerError
+from hardneg.pipeline.executors import batch_delay_for_tests
 from hardneg.pipeline.progress import progress_bar
 from hardneg.stages.base import MapStage
 from hardneg.stages.io import ShardWriter, count_rows, iter_batches
@@ -33,21 +33,6 @@ log = logging.getLogger("hardneg")
 MAX_RESTARTS = 8  # per model worker (actor)
 MAX_RETRIES = 8  # per batch
 IN_FLIGHT = 2  # batches queued per worker: the next one is there when the current one ends
-
-
-def _test_batch_delay(stage: MapStage) -> None:
-    """Tests only: `HARDNEG_TEST_BATCH_DELAY=<stage>:<seconds>` makes every worker of that stage
-    touch `$HARDNEG_TEST_MARK_DIR/<stage>-<pid>` (when set) and sleep before each batch, so a test
-    can SIGKILL a worker in the middle of a batch (tests/test_determinism.py). Unset in normal
-    use; costs one environment lookup per batch."""
-    spec = os.environ.get("HARDNEG_TEST_BATCH_DELAY")
-    if not spec:
-        return
-    name, _, seconds = spec.partition(":")
-    if name == stage.name:
-        if os.environ.get("HARDNEG_TEST_MARK_DIR"):
-            Path(os.environ["HARDNEG_TEST_MARK_DIR"], f"{name}-{os.getpid()}").touch()
-        time.sleep(float(seconds or 0))
 
 
 def _renice(nice: int) -> None:
@@ -81,7 +66,7 @@ class MapWorker:
             stage.ensure_setup()
             self._stages = {run_id: stage}
         stage = self._stages[run_id]
-        _test_batch_delay(stage)
+        batch_delay_for_tests(stage.name)
         return stage.transform(batch)
 
 
