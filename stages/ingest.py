@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,6 +140,38 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield from enumerate(handle, start=1)
         except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz
             raise _damaged(path, err) from None
+
+
+class Judgement(NamedTuple):
+    """One line of a BEIR qrels file: its ids and grade, or the problem that kept them out
+    ("invalid_utf8", "malformed_qrels_line") with the line's text."""
+
+    number: int
+    query_id: str
+    doc_id: str
+    grade: float
+    problem: str | None = None
+    text: str = ""
+
+
+def read_judgements(path: Path) -> Iterator[Judgement]:
+    """Every judgement line of a BEIR qrels file (plain or gzipped), header and blank lines left
+    out. Ingest rejects the lines with a problem; eval, reading someone's qrels, skips them."""
+    for number, raw in _lines(path):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield Judgement(number, "", "", 0.0, "invalid_utf8")
+            continue
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if number == 1 and cells[0] in ("query-id", "query_id", "qid"):
+            continue
+        try:
+            yield Judgement(number, cells[0].strip(), cells[1].strip(), float(cells[2]))
+        except (IndexError, ValueError):
+            yield Judgement(number, "", "", 0.0, "malformed_qrels_line", line[:200])
 
 
 def _iter_csv(path: Path, rejects: Rejects, delimiter: str, pair: bool = False) -> Iterator[tuple[int, dict, list[str]]]:
@@ -387,21 +419,9 @@ class IngestStage(GlobalStage):
         per_judgement = self.config.positives == "all"
         judged_queries: dict[str, int] = {}
         judged: dict[str, list[tuple[str, float, int]]] = {}
-        for number, raw in _lines(_beir_path(folder, qrels_name)):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                rejects.add(qrels_name, number, None, "invalid_utf8", pair=per_judgement)
-                continue
-            if not line.strip():
-                continue
-            cells = line.split("\t")
-            if number == 1 and cells[0] in ("query-id", "query_id", "qid"):
-                continue
-            try:
-                query_id, doc_id, grade = cells[0].strip(), cells[1].strip(), float(cells[2])
-            except (IndexError, ValueError):
-                rejects.add(qrels_name, number, None, "malformed_qrels_line", line[:200], pair=per_judgement)
+        for number, query_id, doc_id, grade, problem, text in read_judgements(_beir_path(folder, qrels_name)):
+            if problem:
+                rejects.add(qrels_name, number, None, problem, text, pair=per_judgement)
                 continue
             if grade <= 0:
                 continue  # a judgement of non-relevance, not a pair

@@ -245,3 +245,16 @@ def test_cranfield_positive_ranks_similarity_and_consistency(warm_work_dir, tmp_
     assert inconsistent > 0
     assert stats["rejected_pairs"].get("positive_inconsistent", 0) == inconsistent == stats["pairs_inconsistent"]
     assert stats["input_pairs"] == stats["output_pairs"] + sum(stats["rejected_pairs"].values())
+
+
+def test_eval_reads_qrels_as_ingest_does(tmp_path):
+    """One parser: a BOM, a header, blank, malformed and non-UTF-8 lines and grade-0 judgements
+    mean the same to eval as to ingest (ingest rejects what eval skips)."""
+    from hardneg.stages.ingest import read_judgements
+
+    (tmp_path / "qrels").mkdir()
+    path = tmp_path / "qrels" / "test.tsv"
+    path.write_bytes("\ufeffquery-id\tcorpus-id\tscore\nq1\td1\t2\n\nq1\td2\t0\nq2\td3\n".encode() + b"q2\t\xff\t1\nq2\td4\t1\n")
+    assert ev.read_qrels(tmp_path, "test") == {"q1": {"d1": 2.0}, "q2": {"d4": 1.0}}
+    problems = [(j.number, j.problem) for j in read_judgements(path) if j.problem]
+    assert problems == [(5, "malformed_qrels_line"), (6, "invalid_utf8")]

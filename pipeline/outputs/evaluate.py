@@ -26,7 +26,6 @@ corpus matrix beyond one chunk.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -54,25 +53,17 @@ def query_half(query_id: str) -> int:
 
 
 def read_qrels(beir: Path, split: str) -> dict[str, dict[str, float]]:
-    """query id -> {doc id: grade} for the relevant judgements (grade > 0) of a BEIR split."""
-    from hardneg.stages.ingest import beir_file
+    """query id -> {doc id: grade} for the relevant judgements (grade > 0) of a BEIR split;
+    lines ingest would reject are skipped."""
+    from hardneg.stages.ingest import beir_file, read_judgements
 
     path = beir_file(Path(beir), f"qrels/{split}.tsv")
     if path is None:
         raise EvalError(f"BEIR folder {beir}: missing qrels/{split}.tsv")
     qrels: dict[str, dict[str, float]] = {}
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            cells = line.rstrip("\r\n").split("\t")
-            if len(cells) < 3 or (number == 1 and cells[0] in ("query-id", "query_id", "qid")):
-                continue
-            try:
-                grade = float(cells[2])
-            except ValueError:
-                continue
-            if grade > 0:
-                qrels.setdefault(cells[0].strip(), {})[cells[1].strip()] = grade
+    for judgement in read_judgements(path):
+        if judgement.problem is None and judgement.grade > 0:
+            qrels.setdefault(judgement.query_id, {})[judgement.doc_id] = judgement.grade
     return qrels
 
 
