@@ -116,9 +116,19 @@ class EmbedStage(MapStage):
     def _openvino(self, model):
         from hardneg.stages.engines.openvino import OpenVINOTransformer
 
+        from hardneg.stages.models import ModelLoadError
+
+        transformer = getattr(model[0], "auto_model", None) if len(model) else None
+        if transformer is None:
+            raise ModelLoadError(f"embedding model {self.model!r}: its first module is not a Hugging Face "
+                                 "transformer, which the OpenVINO engine needs; set embed_backend: torch")
         names = list(model.tokenizer("hardneg").keys())  # the features the transformer is fed
-        return OpenVINOTransformer(model[0].auto_model, model_fingerprint(self.model), names,
-                                   self.precision, self.threads)
+        try:
+            return OpenVINOTransformer(transformer, model_fingerprint(self.model), names, self.precision, self.threads)
+        except Exception as err:  # noqa: BLE001 - a model OpenVINO cannot trace: one line, and the way out
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ModelLoadError(f"embedding model {self.model!r}: OpenVINO cannot convert it ({err.__class__.__name__}: "
+                                 f"{first}); set embed_backend: torch") from None
 
     def _load(self):
         from sentence_transformers import SentenceTransformer

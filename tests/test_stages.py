@@ -259,3 +259,21 @@ def test_embed_backend_is_checked_at_config_time(monkeypatch):
     assert pick_backend("auto", "cpu", "bf16") == "torch"
     with pytest.raises(ConfigError, match="not installed"):
         pick_backend("openvino", "cpu", "bf16")
+
+
+def test_a_model_openvino_cannot_run_fails_in_one_line_naming_the_way_out(tmp_path, monkeypatch):
+    from hardneg.pipeline.errors import ModelLoadError
+    from hardneg.stages import embed
+    from hardneg.stages.embed import EmbedStage
+
+    monkeypatch.setenv("HARDNEG_CACHE", str(tmp_path / "cache"))
+    stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", backend="openvino")
+    model = stage._load()
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("unsupported operation aten::custom_op\nmore detail")
+
+    monkeypatch.setattr("hardneg.stages.engines.openvino._convert", untraceable)
+    with pytest.raises(ModelLoadError, match=r"OpenVINO cannot convert it \(RuntimeError: unsupported operation aten::custom_op\); set embed_backend: torch$"):
+        stage._openvino(model)
+    embed._MODELS.clear()
