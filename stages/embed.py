@@ -112,7 +112,6 @@ class EmbedStage(MapStage):
             model = self._load()
             _MODELS[key] = (model, self._openvino(model) if self.backend == "openvino" else None)
         self._model, self._transformer = _MODELS[key]
-        self._pooling = list(self._model)[1:]  # what follows the transformer: pooling, normalize
 
     def _openvino(self, model):
         from hardneg.stages.engines.openvino import OpenVINOTransformer
@@ -214,7 +213,7 @@ class EmbedStage(MapStage):
             # OpenVINO runs the transformer; the model's own pooling modules do the rest.
             with torch.inference_mode():
                 features["token_embeddings"] = self._transformer(features)
-                for module in self._pooling:
+                for module in list(self._model)[1:]:
                     features = module(features)
             return torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1).numpy()
         with torch.inference_mode(), self._autocast():
