@@ -8,7 +8,8 @@ on a cluster. With OpenVINO and with torch's bf16 kernels it does not even depen
 torch's fp32 kernels on some CPUs (AVX512) round a row differently with the number of rows
 beside it, in the last bits.
 
-Engines: torch, or OpenVINO for the transformer on CPUs with native bf16 (`engines/openvino.py`).
+Engines: torch (`TorchEncoder`), or OpenVINO on CPUs with native bf16 (`engines/openvino.py`), which
+embeds without importing torch once the model is converted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.engines.tokens import pad_features
 from hardneg.stages.models import model_fingerprint, resolve_model
 
 # Bucket width in tokens: 8 pads ~1.6% over the real tokens of Cranfield's abstracts (16: 3.1%;
@@ -91,8 +93,9 @@ class EmbedStage(MapStage):
             "text_column": self.text_column,
             "keep_columns": self.keep_columns,
             "normalize": True,
-            # OpenVINO's kernels round differently from torch's (a torch run keeps its old key).
-            **({"backend": self.backend} if self.backend != "torch" else {}),
+            # OpenVINO's kernels round differently from torch's (a torch run keeps its old key);
+            # format 2: pooled in numpy (engines/openvino.py).
+            **({"backend": self.backend, "engine_format": 2} if self.backend == "openvino" else {}),
         }
 
     def pool_key(self) -> tuple:
@@ -100,31 +103,28 @@ class EmbedStage(MapStage):
         return ("embed", self.model, self.device, self.precision, self.backend, int(self.threads), self.trust_remote_code)
 
     def setup(self) -> None:
-        import torch
-
-        if not self.device.startswith("cuda"):
-            # Fixed thread count: the same arithmetic whichever runner hosts this worker.
-            torch.set_num_threads(max(1, int(self.threads)))
-        self._torch = torch
-        key = (resolve_model(self.model), self.device, self.precision, self.backend, self.trust_remote_code)
+        key = (resolve_model(self.model), self.device, self.precision, self.backend, self.threads, self.trust_remote_code)
         if key not in _MODELS:
             _MODELS.clear()  # one model per process at a time: a worker moving on frees the last
-            model = self._load()
-            _MODELS[key] = (model, self._openvino(model) if self.backend == "openvino" else None)
-        self._model, self._transformer = _MODELS[key]
+            _MODELS[key] = self._open_openvino() if self.backend == "openvino" else TorchEncoder(self._load(), self)
+        self._encoder = _MODELS[key]
 
-    def _openvino(self, model):
-        from hardneg.stages.engines.openvino import OpenVINOTransformer
+    def _open_openvino(self):
+        from hardneg.stages.engines.openvino import open_encoder
 
         from hardneg.stages.models import ModelLoadError
 
-        transformer = getattr(model[0], "auto_model", None) if len(model) else None
-        if transformer is None:
-            raise ModelLoadError(f"embedding model {self.model!r}: its first module is not a Hugging Face "
-                                 "transformer, which the OpenVINO engine needs; set embed_backend: torch")
-        names = list(model.tokenizer("hardneg").keys())  # the features the transformer is fed
+        def load():
+            model = self._load()
+            if not len(model) or getattr(model[0], "auto_model", None) is None:
+                raise ModelLoadError(f"embedding model {self.model!r}: its first module is not a Hugging Face "
+                                     "transformer, which the OpenVINO engine needs; set embed_backend: torch")
+            return model
+
         try:
-            return OpenVINOTransformer(transformer, model_fingerprint(self.model), names, self.precision, self.threads)
+            return open_encoder(model_fingerprint(self.model), self.precision, self.threads, load)
+        except ModelLoadError:
+            raise
         except Exception as err:  # noqa: BLE001 - a model OpenVINO cannot trace: one line, and the way out
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise ModelLoadError(f"embedding model {self.model!r}: OpenVINO cannot convert it ({err.__class__.__name__}: "
@@ -133,6 +133,11 @@ class EmbedStage(MapStage):
     def _load(self):
         from sentence_transformers import SentenceTransformer
 
+        if not self.device.startswith("cuda"):
+            import torch
+
+            # Fixed thread count: the same arithmetic whichever runner hosts this worker.
+            torch.set_num_threads(max(1, int(self.threads)))
         try:
             model = SentenceTransformer(
                 resolve_model(self.model),
@@ -149,31 +154,23 @@ class EmbedStage(MapStage):
             model.half()
         return model
 
-    def _autocast(self):
-        torch = self._torch
-        if self.precision == "bf16":
-            return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
-        if self.precision == "fp16" and not self.device.startswith("cuda"):
-            return torch.autocast("cpu", dtype=torch.float16)
-        return nullcontext()
-
     def encode(self, texts: list[str]) -> np.ndarray:
         """Normalised float32 vectors for `texts`, in order."""
-        tokenizer = self._model.tokenizer
+        encoder = self._encoder
         # The stage's own limit, never written into the shared model (another stage may differ).
-        max_len = int(self.max_seq_length or self._model.max_seq_length or tokenizer.model_max_length)
+        max_len = int(self.max_seq_length or encoder.max_seq_length)
         if self.prompt:
             texts = [self.prompt + t for t in texts]
         if not texts:
-            return np.empty((0, self._model.get_embedding_dimension()), dtype=np.float32)
+            return np.empty((0, encoder.dim), dtype=np.float32)
         # A text that occurs twice is embedded once (its vector depends on the text alone).
         unique, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
         # Tokenised once: the batches below are padded from these ids, not tokenised again.
-        encoded = tokenizer(list(unique), truncation=True, max_length=max_len)
+        encoded = encoder.tokenize(list(unique), max_len)
         lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(unique))
         buckets = np.minimum(max_len, -(-lengths // _BUCKET) * _BUCKET)
         order = np.lexsort((np.arange(len(unique)), buckets))
-        out = np.empty((len(unique), self._model.get_embedding_dimension()), dtype=np.float32)
+        out = np.empty((len(unique), encoder.dim), dtype=np.float32)
         # Rows per forward pass by token budget: short texts go many at a time, long ones
         # `micro_batch_size` at a time.
         budget = self.micro_batch_size * _BUDGET_TOKENS
@@ -183,42 +180,9 @@ class EmbedStage(MapStage):
             limit = max(self.micro_batch_size, budget // bucket)
             stop = start + int(np.searchsorted(buckets[order[start:start + limit]], bucket, side="right"))
             rows = order[start:stop]
-            out[rows] = self._forward(self._pad(encoded, rows, bucket))
+            out[rows] = encoder.forward(pad_features(encoded, rows, bucket, encoder.pad_values, encoder.left_padding))
             start = stop
         return out[inverse.reshape(-1)]
-
-    def _pad(self, encoded, rows: np.ndarray, length: int) -> dict:
-        """The tensors `tokenizer(texts, padding="max_length", max_length=length)` returns for
-        these rows (each at most `length` tokens), built from their ids."""
-        torch = self._torch
-        tokenizer = self._model.tokenizer
-        pad = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
-               "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-        features = {}
-        for key, values in encoded.items():
-            array = np.full((len(rows), length), pad.get(key, 0), dtype=np.int64)
-            for i, row in enumerate(rows):
-                ids = values[row]
-                if left:
-                    array[i, length - len(ids):] = ids
-                else:
-                    array[i, :len(ids)] = ids
-            features[key] = torch.from_numpy(array).to(self.device)
-        return features
-
-    def _forward(self, features: dict) -> np.ndarray:
-        torch = self._torch
-        if self._transformer is not None:
-            # OpenVINO runs the transformer; the model's own pooling modules do the rest.
-            with torch.inference_mode():
-                features["token_embeddings"] = self._transformer(features)
-                for module in list(self._model)[1:]:
-                    features = module(features)
-            return torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1).numpy()
-        with torch.inference_mode(), self._autocast():
-            vectors = self._model(features)["sentence_embedding"]
-        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
 
     def transform(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
@@ -228,6 +192,42 @@ class EmbedStage(MapStage):
         if self.keep_columns:
             return batch.append_column("embedding", embedding)
         return pa.table({"id": batch.column(self.id_column), "embedding": embedding})
+
+
+class TorchEncoder:
+    """A sentence-transformers model run by torch: the reference engine, and the one for GPUs."""
+
+    def __init__(self, model, stage: EmbedStage) -> None:
+        import torch
+
+        self.model = model
+        self._torch = torch
+        self._device = stage.device
+        self._precision = stage.precision
+        tokenizer = model.tokenizer
+        self.dim = model.get_embedding_dimension()
+        self.max_seq_length = int(model.max_seq_length or tokenizer.model_max_length)
+        self.pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
+                           "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+        self.left_padding = getattr(tokenizer, "padding_side", "right") == "left"
+
+    def tokenize(self, texts: list[str], max_len: int) -> dict[str, list[list[int]]]:
+        return dict(self.model.tokenizer(texts, truncation=True, max_length=max_len))
+
+    def forward(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        tensors = {key: torch.from_numpy(values).to(self._device) for key, values in features.items()}
+        with torch.inference_mode(), _autocast(torch, self._precision, self._device):
+            vectors = self.model(tensors)["sentence_embedding"]
+        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+
+
+def _autocast(torch, precision: str, device: str):
+    if precision == "bf16":
+        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+    if precision == "fp16" and not device.startswith("cuda"):
+        return torch.autocast("cpu", dtype=torch.float16)
+    return nullcontext()
 
 
 def default_threads() -> int:

@@ -78,7 +78,7 @@ def test_trust_remote_code_reaches_every_model_load(tmp_path, monkeypatch, trust
     monkeypatch.setattr(sentence_transformers, "SentenceTransformer", Fake)
     monkeypatch.setattr(sentence_transformers, "CrossEncoder", Fake)
     (tmp_path / "corpus").mkdir()
-    models["embed_corpus"].setup()
+    models["embed_corpus"]._load()  # what setup loads the model with (the fake has no tokenizer to go on)
     models["rerank"].corpus_dir = str(tmp_path / "corpus")
     models["rerank"].setup()
     assert [c["trust_remote_code"] for c in calls] == [trust, trust]

@@ -120,7 +120,7 @@ def test_embedding_does_not_depend_on_the_batch(tmp_path):
     assert np.array_equal(together, shuffled)
     assert np.allclose(together, alone, atol=1e-6)
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
-    st = stage._model.encode(BATCH_TEXTS, normalize_embeddings=True)
+    st = stage._encoder.model.encode(BATCH_TEXTS, normalize_embeddings=True)
     assert (together * st).sum(axis=1).min() > 0.9999
 
 
@@ -152,6 +152,58 @@ def test_openvino_engine_matches_torch_and_ignores_the_batch(tmp_path, monkeypat
     again.ensure_setup()
     assert cached[0].stat().st_mtime_ns == before
     assert np.array_equal(again.encode(BATCH_TEXTS), together)
+
+
+def test_openvino_embeds_without_torch_once_converted(tmp_path, monkeypatch):
+    """A converted model embeds in a fresh process with openvino, tokenizers and numpy alone
+    (importing torch and sentence-transformers costs more than embedding a small corpus), and
+    gives the vectors the converting process gave."""
+    import subprocess
+    import sys
+
+    from hardneg.stages import embed
+    from hardneg.stages.embed import EmbedStage
+
+    monkeypatch.setenv("HARDNEG_CACHE", str(tmp_path / "cache"))
+    embed._MODELS.clear()
+    stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", threads=1, precision="fp32", backend="openvino")
+    stage.ensure_setup()
+    here = stage.encode(BATCH_TEXTS)
+    embed._MODELS.clear()
+    script = ("import json, sys; from hardneg.stages.embed import EmbedStage; "
+              "s = EmbedStage(model='all-MiniLM-L6-v2', id_column='id', text_column='text', threads=1, precision='fp32', backend='openvino'); "
+              f"s.ensure_setup(); v = s.encode({BATCH_TEXTS!r}); "
+              "print(json.dumps({'heavy': sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules), 'v': v.tolist()}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    there = json.loads(done.stdout.strip().splitlines()[-1])
+    assert there["heavy"] == []
+    assert np.array_equal(np.asarray(there["v"], dtype=np.float32), here)
+
+
+@pytest.mark.parametrize("mode, standalone", [("cls", True), ("max", True), ("lasttoken", False)])
+def test_openvino_pools_as_the_model_does(tmp_path, monkeypatch, mode, standalone):
+    """Pooling modes the engine computes in numpy match the model's own Pooling module; any other
+    keeps the model's modules (in torch) after the OpenVINO transformer. Either way the vectors
+    are torch's."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    from hardneg.stages import embed
+    from hardneg.stages.embed import EmbedStage
+    from hardneg.stages.models import resolve_model
+
+    monkeypatch.setenv("HARDNEG_CACHE", str(tmp_path / "cache"))
+    model = SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu")
+    model[1] = Pooling(model.get_embedding_dimension(), pooling_mode=mode)
+    model.save(str(tmp_path / "model"))
+    embed._MODELS.clear()
+    ours = EmbedStage(model=str(tmp_path / "model"), id_column="id", text_column="text", threads=1, precision="fp32", backend="openvino")
+    ours.ensure_setup()
+    meta = json.loads(next((tmp_path / "cache" / "openvino").glob("*/meta.json")).read_text())
+    assert meta["pooling"] == mode and meta["standalone"] is standalone
+    reference = model.encode(BATCH_TEXTS, normalize_embeddings=True)
+    assert (ours.encode(BATCH_TEXTS) * reference).sum(axis=1).min() > 0.9999
+    embed._MODELS.clear()
 
 
 def mined_rows() -> pa.Table:
@@ -268,12 +320,11 @@ def test_a_model_openvino_cannot_run_fails_in_one_line_naming_the_way_out(tmp_pa
 
     monkeypatch.setenv("HARDNEG_CACHE", str(tmp_path / "cache"))
     stage = EmbedStage(model="all-MiniLM-L6-v2", id_column="id", text_column="text", backend="openvino")
-    model = stage._load()
 
     def untraceable(*args, **kwargs):
         raise RuntimeError("unsupported operation aten::custom_op\nmore detail")
 
     monkeypatch.setattr("hardneg.stages.engines.openvino._convert", untraceable)
     with pytest.raises(ModelLoadError, match=r"OpenVINO cannot convert it \(RuntimeError: unsupported operation aten::custom_op\); set embed_backend: torch$"):
-        stage._openvino(model)
+        stage._open_openvino()
     embed._MODELS.clear()

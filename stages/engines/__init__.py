@@ -1,1 +1,2 @@
-"""Search engines the stages use, with no stage logic: FAISS (faiss_index) and BM25 (bm25)."""
+"""Engines the stages use, with no stage logic: FAISS (faiss_index), BM25 (bm25), OpenVINO
+embedding (openvino) and the token padding both embedding engines share (tokens)."""

@@ -1,0 +1,22 @@
+"""Token ids to the padded arrays a transformer is fed, shared by the torch and OpenVINO engines."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pad_features(encoded: dict[str, list[list[int]]], rows, length: int, pad_values: dict[str, int],
+                 left: bool = False) -> dict[str, np.ndarray]:
+    """What `tokenizer(texts, padding="max_length", max_length=length)` returns for these rows
+    (each at most `length` tokens), as int64 arrays, built from their ids."""
+    features = {}
+    for key, values in encoded.items():
+        array = np.full((len(rows), length), pad_values.get(key, 0), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids = values[row]
+            if left:
+                array[i, length - len(ids):] = ids
+            else:
+                array[i, :len(ids)] = ids
+        features[key] = array
+    return features
