@@ -6,6 +6,12 @@ every stage with that key: queries and corpus are embedded by the same workers, 
 torch and load the model once. (A Ray Data actor pool lives for one dataset execution, so two
 stages would start two pools; this is why map stages drive actors directly.)
 
+A local Ray (the default on one machine) starts in a background thread: Ray's own start takes
+seconds, and its workers take more to import and load the model. Until a stage's workers are up,
+the driver computes that stage's batches itself, in input order, as the in-process runner does
+(a batch's result does not depend on where it ran); then it hands the rest to the workers. On a
+cluster the driver only drives.
+
 The driver reads the input a batch at a time, keeps a few batches in flight per worker, writes
 the results in input order (the same shards as the in-process runner, so the output does not
 depend on the runner) and counts finished rows for the progress bar. Ray restarts a dead actor
@@ -17,9 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections import deque
 from pathlib import Path
+
+import pyarrow as pa
 
 from hardneg.pipeline.errors import WorkerError
 from hardneg.pipeline.executors import batch_delay_for_tests
@@ -125,7 +134,15 @@ class _Pool:
         )
         self.ray = ray
         self.actors = [actor.remote(nice, stage if warm else None) for _ in range(size)]
-        self.users = 0
+        self._starting = [a.__ray_ready__.remote() for a in self.actors]  # resolve once constructed
+
+    def up(self) -> bool:
+        """Whether a worker has finished starting (its model loaded, for a warm pool)."""
+        if self._starting:
+            ready, _ = self.ray.wait(self._starting, num_returns=1, timeout=0)
+            if ready:
+                self._starting = []
+        return not self._starting
 
     def close(self) -> None:
         for actor in self.actors:
@@ -145,12 +162,45 @@ class RayExecutor:
         self.log_file = Path(log_file) if log_file else None
         self._started = False
         self._pools: dict[tuple, _Pool] = {}
+        self._users: dict[tuple, int] = {}  # prepared stages still to run, by pool
         self._nice = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+        # A local start (no cluster to join) runs in the background while the driver works.
+        self._local = not address and not os.environ.get("RAY_ADDRESS")
+        self._starter: threading.Thread | None = None
+        self._up = threading.Event()  # Ray is started (or failed to start: _start_error)
+        self._release = threading.Event()  # the starter thread may end (close)
+        self._start_error: BaseException | None = None
 
     def _logs_hint(self) -> str:
         return f"Ray's logs: {self.log_file}" if self.log_file else "Ray's logs: /tmp/ray/session_latest/logs"
 
     def _ensure_ray(self):
+        """Ray, started (or joined) and ready: waits for a background start."""
+        if self._starter is not None:
+            self._up.wait()
+            if self._start_error is not None:
+                raise self._start_error
+        return self._init_ray()
+
+    def _start_in_background(self, warm: list[MapStage]) -> None:
+        """Start the local Ray, then the warm pools, in a thread. The thread stays alive until
+        close: a Ray started from a thread that then ends loses its connection to its GCS."""
+
+        def start() -> None:
+            try:
+                ray = self._init_ray()
+                for stage in warm:
+                    self._pool(ray, stage, warm=True)
+            except BaseException as err:  # noqa: BLE001 - handed to the driver thread, raised there
+                self._start_error = err
+            finally:
+                self._up.set()
+            self._release.wait()
+
+        self._starter = threading.Thread(target=start, name="hardneg-ray-start", daemon=True)
+        self._starter.start()
+
+    def _init_ray(self):
         import ray
 
         if not ray.is_initialized():
@@ -208,10 +258,14 @@ class RayExecutor:
         model_stages = [s for s in stages if s.stateful]
         if not model_stages:
             return
+        for stage in model_stages:
+            self._users[stage.pool_key()] = self._users.get(stage.pool_key(), 0) + 1
+        if self._local and self._starter is None:
+            self._start_in_background(model_stages)
+            return
         ray = self._ensure_ray()
         for stage in model_stages:
-            pool = self._pool(ray, stage, warm=True)
-            pool.users += 1
+            self._pool(ray, stage, warm=True)
 
     def _pool(self, ray, stage: MapStage, warm: bool = False) -> _Pool:
         key = stage.pool_key()
@@ -220,39 +274,65 @@ class RayExecutor:
         return self._pools[key]
 
     def run_map(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
-        ray = self._ensure_ray()
         key = stage.pool_key()
-        prepared = key in self._pools and self._pools[key].users > 0
-        pool = self._pool(ray, stage)
         try:
-            return self._drive(ray, pool, stage, input_dir, out_dir)
+            return self._drive(stage, input_dir, out_dir)
         finally:
-            if prepared:
-                pool.users -= 1
-            if pool.users <= 0:  # no later stage of this run needs these workers: free their CPUs
-                pool.close()
-                self._pools.pop(key, None)
+            if self._users.get(key, 0) > 0:
+                self._users[key] -= 1
+            if self._users.get(key, 0) <= 0 and key in self._pools:
+                # No later stage of this run needs these workers: free their CPUs.
+                self._pools.pop(key).close()
 
-    def _drive(self, ray, pool: _Pool, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
+    def _workers(self, stage: MapStage, wait: bool):
+        """(ray, the stage's pool) once its workers are up; None while a local start is still
+        under way and `wait` is false (the driver computes the batch itself meanwhile)."""
+        if not wait and not self._up.is_set():
+            if self._starter is None:  # no model stage started it: start it now, for the next batches
+                self._start_in_background([])
+            return None
+        ray = self._ensure_ray()
+        pool = self._pool(ray, stage)
+        return (ray, pool) if wait or pool.up() else None
+
+    def _drive(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
         run_id = uuid.uuid4().hex
-        stage_ref = ray.put(stage)
-        pending: deque = deque()
-        window = IN_FLIGHT * len(pool.actors)
-        with ShardWriter(out_dir) as writer, progress_bar(stage.name, count_rows(input_dir), self.progress) as bar:
+        # The driver helps only a local start (on a cluster it may be a small machine), and not
+        # with a stage that needs a GPU (the workers hold them).
+        helping = self._local and not stage.resources.num_gpus
+        total = count_rows(input_dir)
+        # One batch, and no workers of its pool started: they would start for nothing.
+        alone = helping and total <= stage.resources.batch_size and stage.pool_key() not in self._pools
+        workers, stage_ref = None, None
+        pending: deque = deque()  # in input order: a worker's result ref, or a table made here
+        with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
             for i, batch in enumerate(iter_batches(input_dir, stage.resources.batch_size)):
-                actor = pool.actors[i % len(pool.actors)]
-                pending.append(actor.run.remote(run_id, stage_ref, batch))
-                if len(pending) >= window:
-                    self._collect(ray, stage, pending.popleft(), writer, bar)
+                if workers is None and not alone:
+                    workers = self._workers(stage, wait=not helping)
+                if workers is None:
+                    batch_delay_for_tests(stage.name)
+                    pending.append(stage(batch))
+                else:
+                    ray, pool = workers
+                    stage_ref = stage_ref or ray.put(stage)
+                    pending.append(pool.actors[i % len(pool.actors)].run.remote(run_id, stage_ref, batch))
+                window = IN_FLIGHT * len(workers[1].actors) if workers else 0
+                while pending and (len(pending) >= window or isinstance(pending[0], pa.Table)):
+                    self._collect(stage, pending.popleft(), writer, bar)
             while pending:
-                self._collect(ray, stage, pending.popleft(), writer, bar)
+                self._collect(stage, pending.popleft(), writer, bar)
         return writer.rows
 
-    def _collect(self, ray, stage: MapStage, ref, writer: ShardWriter, bar) -> None:
+    def _collect(self, stage: MapStage, item, writer: ShardWriter, bar) -> None:
+        if isinstance(item, pa.Table):  # computed in the driver
+            writer.write(item)
+            bar.update(item.num_rows)
+            return
+        import ray
         from ray.exceptions import RayActorError, RayError, RayTaskError
 
         try:
-            table = ray.get(ref)
+            table = ray.get(item)
         except RayTaskError as err:
             # The stage's own exception is the cause: a user error in it (a model that cannot
             # load, bad input) still ends the run in one line (pipeline/errors.py follows causes).
@@ -268,6 +348,8 @@ class RayExecutor:
         bar.update(table.num_rows)
 
     def close(self) -> None:
+        if self._starter is not None:
+            self._up.wait()  # a start still under way (an interrupted run) is let finish, then stopped
         for pool in self._pools.values():
             try:
                 pool.close()
@@ -280,3 +362,9 @@ class RayExecutor:
             ray.shutdown()
             self._started = False
             _close_log_file()
+        self._release.set()
+        self._starter = None
+        self._up.clear()
+        self._release = threading.Event()
+        self._start_error = None
+        self._users = {}
