@@ -183,10 +183,16 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
             device=m.device, threads=m.threads, trust_remote_code=c.trust_remote_code, max_workers=c.workers,
             corpus_dir=i["corpus"],
         ), {"candidates": "candidates", "corpus": "ingest/corpus"}, rows="candidates", covered=("corpus",)))
+    if any(spec["type"] == "lexical_duplicate" for spec in specs):
+        from hardneg.stages.lexical import LexicalStage
+
+        nodes.append(Node("lexical", lambda i: LexicalStage(
+            bm25_dir=i["bm25"], bm25_config=c.bm25, corpus_dir=i["corpus"], rows_dir=i["scored"], max_workers=c.workers,
+        ), {"scored": scored, **bm25, "corpus": "ingest/corpus"}, rows="scored", covered=("corpus",)))
+        scored = "lexical"
     nodes.append(Node("filter", lambda i: FilterStage(
-        specs, seed=c.seed, fit_input=i["scored"], false_negatives=c.false_negatives, bm25_dir=i.get("bm25"),
-        bm25_config=c.bm25, corpus_dir=i["corpus"],
-    ), {"scored": scored, **bm25, "corpus": "ingest/corpus"}, rows="scored", covered=("corpus",)))
+        specs, seed=c.seed, fit_input=i["scored"], false_negatives=c.false_negatives,
+    ), {"scored": scored}, rows="scored"))
     nodes.append(Node("sample", lambda i: SampleStage(
         num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,
         temperature=c.temperature, mmr_lambda=c.mmr_lambda, index_dir=i["index"],

@@ -34,7 +34,8 @@ other filters keep, leaves them for after it.
 `lexical_duplicate` is `near_duplicate`'s lexical, rank-normalised twin: the candidates' BM25
 scores against the text of each of the query's positives (the highest over its positives), read
 per query as a percentile, so it carries across collections, models and BM25 score scales with no
-threshold to re-tune. FilterStage computes them from the run's BM25 index (`PositiveLexicon`).
+threshold to re-tune. The lexical stage before the filter computes them from the run's BM25 index
+(stages/lexical.py), so a run that only changes a filter does not score them again.
 
 `pu` (positive-unlabelled learning) adapts to the data at hand instead of fixing a cosine or a
 percentile: one logistic regression per run, fitted on the run's own candidates table (`PUModel`),
@@ -374,66 +375,7 @@ class PUModel:
         return self.model.predict_proba(candidates)[:, 1]
 
 
-LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, computed by FilterStage (not stored)
-
-
-class PositiveLexicon:
-    """BM25 scores of a query's candidates with each of its positives' texts as the BM25 query
-    (the highest over its positives): the run's BM25 index, and the texts of the positives only,
-    read in one scan of the corpus (an Arrow filter per corpus batch, no Python object per
-    document)."""
-
-    def __init__(self, bm25_dir: Path, bm25_config, corpus_dir: Path, positive_ids) -> None:
-        from hardneg.stages.engines.bm25 import BM25Index
-        from hardneg.stages.io import iter_batches
-
-        self.index = BM25Index.load(Path(bm25_dir), bm25_config)
-        wanted = positive_ids if isinstance(positive_ids, (pa.Array, pa.ChunkedArray)) else pa.array(sorted(positive_ids), pa.string())
-        found = [batch.filter(pc.is_in(batch.column("doc_id"), value_set=wanted))
-                 for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"])]
-        table = pa.concat_tables(found) if found else pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
-        self._ids = table.column("doc_id").combine_chunks()
-        self._texts = table.column("text").combine_chunks()
-
-    @property
-    def texts(self) -> dict[str, str]:
-        return dict(zip(self._ids.to_pylist(), self._texts.to_pylist()))
-
-    def scores(self, row: dict[str, Any]) -> list[float]:
-        """One row's scores (None where no positive has a text): the reference for batch_scores."""
-        texts = self.texts
-        candidates = list(row["candidate_ids"])
-        best = np.full(len(candidates), -np.inf)
-        for positive in row["positive_ids"]:
-            if positive in texts and candidates:
-                best = np.maximum(best, np.asarray(self.index.score(texts[positive], candidates), dtype=np.float64))
-        return [None if np.isinf(v) else float(v) for v in best]
-
-    def batch_scores(self, batch: pa.Table) -> np.ndarray:
-        """`scores` for every candidate of a batch, flat (NaN for None): every (positive,
-        candidate) pair of a query scored in one sparse gather (`BM25Index.score_rows`)."""
-        ids = _list_column(batch, "candidate_ids")
-        counts = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        starts = np.cumsum(counts) - counts
-        positives = _list_column(batch, "positive_ids")
-        pos_group = pc.list_parent_indices(positives).to_numpy().astype(np.int64)
-        index = pc.index_in(pc.list_flatten(positives), value_set=self._ids)
-        has = index.is_valid().to_numpy(zero_copy_only=False)
-        at = index.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[has]
-        pos_group = pos_group[has]
-        best = np.full(int(counts.sum()), -np.inf)
-        per_positive = counts[pos_group]
-        if len(best) and per_positive.sum():
-            tokens = self.index.prepare(self._texts.take(pa.array(at)).to_pylist())
-            pair_positive = np.repeat(np.arange(len(at), dtype=np.int64), per_positive)
-            pair_candidate = np.repeat(starts[pos_group] - np.cumsum(per_positive) + per_positive, per_positive) \
-                + np.arange(int(per_positive.sum()))
-            rows = self.index.rows_of(pc.list_flatten(ids))
-            if (rows < 0).any():
-                raise KeyError(f"doc id {pc.list_flatten(ids)[int(np.flatnonzero(rows < 0)[0])]!r} is not in the index")
-            scores = self.index.score_rows(tokens, pair_positive, rows[pair_candidate])
-            np.maximum.at(best, pair_candidate, scores)
-        return np.where(np.isinf(best), np.nan, best)
+LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, added by the lexical stage (stages/lexical.py)
 
 
 def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None,
@@ -639,12 +581,8 @@ class FilterStage(MapStage):
     in_process = True  # cheap per query: runs in the driver
 
     def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024, *, seed: int = 12,
-                 fit_input: Path | None = None, false_negatives: str = "drop", bm25_dir: Path | None = None,
-                 bm25_config=None, corpus_dir: Path | None = None) -> None:
+                 fit_input: Path | None = None, false_negatives: str = "drop") -> None:
         super().__init__()
-        self.bm25_dir = str(bm25_dir) if bm25_dir else None
-        self.bm25_config = bm25_config
-        self.corpus_dir = str(corpus_dir) if corpus_dir else None
         self.specs = specs
         self.seed = seed
         self.fit_input = str(fit_input) if fit_input else None
@@ -660,16 +598,6 @@ class FilterStage(MapStage):
 
     def setup(self) -> None:
         self._models = self.fit()
-        self._lexicon = None
-        if any(spec["type"] == "lexical_duplicate" for spec in self.specs):
-            if self.bm25_dir is None or self.corpus_dir is None or self.fit_input is None:
-                raise ValueError("a lexical_duplicate filter needs the BM25 index, the corpus and its input")
-            from hardneg.stages.io import iter_batches
-
-            parts = [pc.list_flatten(batch.column("positive_ids").combine_chunks())
-                     for batch in iter_batches(Path(self.fit_input), 65_536, columns=["positive_ids"])]
-            positives = pc.unique(pa.chunked_array(parts, pa.string())) if parts else pa.array([], pa.string())
-            self._lexicon = PositiveLexicon(Path(self.bm25_dir), self.bm25_config, Path(self.corpus_dir), positives)
 
     def fit(self) -> dict[str, PUModel]:
         """The `pu` filters' models, fitted on the whole input (every batch is then decided by the
@@ -697,7 +625,12 @@ class FilterStage(MapStage):
     def transform(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
         relabel = self.false_negatives == "relabel"
-        lexical = self._lexicon.batch_scores(batch) if self._lexicon is not None else None
+        lexical = None
+        if any(spec["type"] == "lexical_duplicate" for spec in self.specs):
+            if LEXICAL_COLUMN not in batch.column_names:
+                raise ValueError(f"a lexical_duplicate filter needs the {LEXICAL_COLUMN} column (the lexical stage)")
+            counts = pc.list_value_length(_list_column(batch, "candidate_ids")).fill_null(0).to_numpy(zero_copy_only=False)
+            lexical = _flat_floats(_list_column(batch, LEXICAL_COLUMN), counts.astype(np.int64))
         decisions = decide_batch(batch, self.specs, lexical=lexical, models=self._models, relabel=relabel)
         if "ce_scores" not in batch.column_names:
             n = batch.num_rows

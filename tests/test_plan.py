@@ -1,7 +1,8 @@
 """The declared stage graph (pipeline/plan.py): each stage's inputs are named once and the
 runner derives upstream fingerprints and input folders from them. The derived upstreams are
-exactly the lists the runner used to write by hand, so stage outputs cached before the graph
-was declared are reused (fingerprints unchanged)."""
+the lists the runner used to write by hand, so stage outputs cached before the graph was
+declared are reused (fingerprints unchanged) — except the lexical stage, added since: the
+filter now reads its scores instead of the BM25 index."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_upstreams_are_those_the_runner_listed_by_hand():
         "calibrate": ["fp-index", "fp-embed_queries"],
         "candidates": ["fp-embed_queries", "fp-index", "fp-bm25_index", "fp-calibrate"],
         "rerank": ["fp-candidates"],
-        "filter": ["fp-rerank", "fp-bm25_index"],
+        "lexical": ["fp-rerank", "fp-bm25_index"],  # the positives' BM25 scores, kept apart from filter settings
+        "filter": ["fp-lexical"],
         "sample": ["fp-filter"],
         "write": ["fp-ingest", "fp-filter", "fp-sample"],
     }
@@ -75,7 +77,7 @@ def test_every_input_a_stage_reads_is_declared():
     nodes = {n.name: n for n in mine_plan(config, CPU)}
     # sample reads the index (mmr, consistency): declared, covered by its filter input's chain.
     assert nodes["sample"].inputs == {"filtered": "filter", "index": "index"} and nodes["sample"].covered == ("index",)
-    assert nodes["filter"].inputs["corpus"] == "ingest/corpus"
+    assert nodes["lexical"].inputs["corpus"] == "ingest/corpus" and nodes["filter"].inputs == {"scored": "lexical"}
     done = _Done()
     for node in nodes.values():
         inputs, _ = done.resolve(node)

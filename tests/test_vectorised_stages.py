@@ -16,6 +16,7 @@ import pytest
 from hardneg import MineConfig, run_mine
 from hardneg.stages.filters import LEXICAL_COLUMN, FilterStage, decide, decide_batch, normalize_spec, specs_from_config
 from hardneg.stages.io import read_table
+from hardneg.stages.lexical import LexicalStage
 from hardneg.stages.sample import SampleStage
 from hardneg.stages.write import _join_texts, _scores_per_source, rows_format, to_format
 
@@ -30,7 +31,7 @@ def run(tmp_path_factory, small_beir) -> dict[str, Path]:
     run_mine(config, progress=False)
     work = root / "work"
     one = lambda prefix: next(work.glob(f"{prefix}-*"))  # noqa: E731
-    return {"candidates": one("candidates"), "bm25": one("bm25_index"), "index": one("index"),
+    return {"candidates": one("candidates"), "scored": one("lexical"), "bm25": one("bm25_index"), "index": one("index"),
             "corpus": one("ingest") / "corpus", "config": config}
 
 
@@ -57,28 +58,28 @@ SPEC_SETS = {
 
 def _filter_stage(run, specs, relabel: bool) -> FilterStage:
     specs = specs_from_config(run["config"]) if specs is None else specs
-    return FilterStage(specs, seed=12, fit_input=run["candidates"], false_negatives="relabel" if relabel else "drop",
-                       bm25_dir=run["bm25"], bm25_config=run["config"].bm25, corpus_dir=run["corpus"])
+    return FilterStage(specs, seed=12, fit_input=run["scored"], false_negatives="relabel" if relabel else "drop")
 
 
 def _filtered(run, name: str, relabel: bool = False) -> pa.Table:
     stage = _filter_stage(run, SPEC_SETS[name], relabel)
-    return pa.concat_tables(stage(batch) for batch in _batches(read_table(run["candidates"])))
+    return pa.concat_tables(stage(batch) for batch in _batches(read_table(run["scored"])))
 
 
 @pytest.mark.parametrize("relabel", [False, True])
 @pytest.mark.parametrize("name", list(SPEC_SETS))
 def test_batch_decisions_equal_row_decisions(run, name, relabel):
     stage = _filter_stage(run, SPEC_SETS[name], relabel)
-    stage.ensure_setup()
+    lexical = LexicalStage(bm25_dir=run["bm25"], bm25_config=run["config"].bm25, corpus_dir=run["corpus"],
+                           rows_dir=run["candidates"])
     decided = 0
     for batch in _batches(read_table(run["candidates"])):
-        lexical = stage._lexicon.batch_scores(batch) if stage._lexicon is not None else None
-        got = decide_batch(batch, stage.specs, lexical=lexical, models=stage._models, relabel=relabel).to_pylist()
+        # The lexical stage's batch scores, read by the filter stage from their column ...
+        got = stage(lexical(batch)).column("decisions").to_pylist()
+        # ... against the row path with the row reference of the same scores.
         rows = batch.to_pylist()
-        if stage._lexicon is not None:
-            for row in rows:
-                row[LEXICAL_COLUMN] = stage._lexicon.scores(row)
+        for row in rows:
+            row[LEXICAL_COLUMN] = lexical._lexicon.scores(row)
         want = [decide(row, stage.specs, models=stage._models, relabel=relabel) for row in rows]
         assert got == want
         decided += sum(d != "kept" for ds in got for d in ds)

@@ -58,11 +58,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from hardneg.stages.engines import lazy_module
 from hardneg.stages.io import release_pages
+
+faiss = lazy_module("faiss")  # 0.2 s to import: paid only by the stages that build or search
 
 log = logging.getLogger(__name__)
 
