@@ -273,6 +273,8 @@ class Pipeline:
                 continue
             stage = done.built.pop(node.name, None) or node.build(inputs)
             if node.final:
+                # Nothing after the final node runs on workers: let them stop while it writes.
+                self.executor.close()
                 done.stats = self._write_output(stage, upstream, inputs)
                 continue
             result = self._run(stage, upstream, inputs, map_input=inputs.get(node.rows) if node.rows else None)

@@ -119,6 +119,34 @@ def _close_log_file() -> None:
         handler.close()
 
 
+_STOPPING: list[threading.Thread] = []
+
+
+def _stop_in_background(release: threading.Event) -> None:
+    """Stop the local Ray in a thread: its processes take about a second to exit, which the
+    driver spends writing the output and the summary. The thread is not a daemon: the process
+    does not exit before Ray has stopped. `release` lets the thread that started Ray end, only
+    once Ray has stopped (ended earlier, Ray waits seconds on its lost connection)."""
+
+    def stop() -> None:
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            release.set()
+            _close_log_file()
+
+    thread = threading.Thread(target=stop, name="hardneg-ray-stop")
+    thread.start()
+    _STOPPING.append(thread)
+
+
+def _wait_for_stop() -> None:
+    while _STOPPING:
+        _STOPPING.pop().join()
+
+
 class _Pool:
     def __init__(self, ray, stage: MapStage, nice: int, warm: bool) -> None:
         res = stage.resources
@@ -203,6 +231,7 @@ class RayExecutor:
     def _init_ray(self):
         import ray
 
+        _wait_for_stop()  # a previous run's Ray, still stopping in the background
         if not ray.is_initialized():
             verbose = log.isEnabledFor(logging.DEBUG)
             job_env = _job_env_vars()
@@ -357,12 +386,10 @@ class RayExecutor:
                 pass
         self._pools = {}
         if self._started:
-            import ray
-
-            ray.shutdown()
+            _stop_in_background(self._release)
             self._started = False
-            _close_log_file()
-        self._release.set()
+        else:
+            self._release.set()
         self._starter = None
         self._up.clear()
         self._release = threading.Event()
