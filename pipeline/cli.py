@@ -35,8 +35,12 @@ def _setup_logging(level: str, quiet: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from hardneg.pipeline.progress import BarSafeHandler
+
+    handler = BarSafeHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO),
-                        format="%(message)s", stream=sys.stderr)
+                        handlers=[handler])
     if not debug:
         for noisy in ("sentence_transformers", "transformers", "datasets", "ray", "faiss", "bm25s", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
