@@ -237,9 +237,12 @@ class RayExecutor:
             job_env = _job_env_vars()
             env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "HARDNEG_", "TRANSFORMERS_", "OMP_"))
                    and k not in job_env}
+            # A local Ray's workers inherit the driver's environment; a cluster's get the
+            # variables that matter through the job's runtime env (which costs each worker a
+            # setup step, and makes the workers Ray starts ahead unusable for it).
             kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=verbose,
                           logging_level=logging.DEBUG if verbose else logging.ERROR,
-                          runtime_env={"env_vars": env} if env else None)
+                          runtime_env={"env_vars": env} if env and not self._local else None)
             if self.address:
                 try:
                     ray.init(address=self.address, **kwargs)
