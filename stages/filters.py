@@ -542,13 +542,17 @@ def _pu_probabilities(batch: pa.Table, model: PUModel) -> np.ndarray:
 
 
 def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, lexical: np.ndarray | None = None,
-                 models: dict[str, PUModel] | None = None, relabel: bool = False) -> pa.Array:
+                 models: dict[str, PUModel] | None = None, relabel: bool = False,
+                 skip_score: str | None = None) -> pa.Array:
     """`decide` for every row of a batch: a list<string> column, one decision per candidate.
-    `lexical`: the flat positive_lexical_scores (None: no lexical_duplicate filter can decide)."""
+    `lexical`: the flat positive_lexical_scores (None: no lexical_duplicate filter can decide);
+    `skip_score` leaves out the filters reading that score, as in `decide`."""
     view = BatchView.from_batch(batch)
     names = [KEPT]
     codes = np.zeros(len(view.ranks), dtype=np.int64)
     for spec in specs:
+        if skip_score is not None and spec.get("score") == skip_score:
+            continue
         undecided = codes == 0
         if spec["type"] == "lexical_duplicate":
             if lexical is None:

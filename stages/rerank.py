@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hardneg.stages.base import MapStage, Resources
-from hardneg.stages.filters import KEPT, decide
+from hardneg.stages.filters import KEPT, decide_batch
 from hardneg.stages.io import parquet_files
 from hardneg.stages.models import model_fingerprint, resolve_model
 
@@ -101,24 +102,43 @@ class RerankStage(MapStage):
         return out
 
     def transform(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        wanted: list[tuple[str, str]] = []  # (query text, doc id)
-        slots: list[tuple[int, str, int]] = []  # (row, "pos" | "cand", index)
-        for r, row in enumerate(rows):
-            for j, doc_id in enumerate(row["positive_ids"]):
-                wanted.append((row["text"], doc_id))
-                slots.append((r, "pos", j))
-            decisions = decide({**row, "ce_scores": None, "positive_ce_scores": None}, self.specs, skip_score="cross_encoder")
-            for j, decision in enumerate(decisions):
-                if decision == KEPT:
-                    wanted.append((row["text"], row["candidate_ids"][j]))
-                    slots.append((r, "cand", j))
-        texts = self._texts.lookup([doc_id for _, doc_id in wanted])
-        pairs = [(query, texts[doc_id]) for query, doc_id in wanted]
-        scores = self.score_pairs(pairs)
-        positive = [[None] * len(row["positive_ids"]) for row in rows]
-        candidate = [[None] * len(row["candidate_ids"]) for row in rows]
-        for (r, kind, j), score in zip(slots, scores):
-            (positive if kind == "pos" else candidate)[r][j] = float(score)
-        batch = batch.append_column("positive_ce_scores", pa.array(positive, type=pa.list_(pa.float32())))
-        return batch.append_column("ce_scores", pa.array(candidate, type=pa.list_(pa.float32())))
+        positives = _flat(batch, "positive_ids")
+        candidates = _flat(batch, "candidate_ids")
+        # The candidates every cheap filter keeps (the cross-encoder filters come after this stage).
+        decisions = decide_batch(batch, self.specs, skip_score="cross_encoder")
+        kept = np.flatnonzero(pc.equal(pc.list_flatten(decisions), KEPT).to_numpy(zero_copy_only=False))
+        # Pairs row by row, each row's positives then its kept candidates: the order the pairs
+        # were always scored in (a batch's padding follows it).
+        rows = np.concatenate([positives.group, candidates.group[kept]])
+        kind = np.r_[np.zeros(len(positives.group), np.int8), np.ones(len(kept), np.int8)]
+        at = np.concatenate([np.arange(len(positives.group)), kept])
+        order = np.lexsort((at, kind, rows))
+        ids = positives.ids + [candidates.ids[i] for i in kept.tolist()]
+        wanted = [ids[i] for i in order.tolist()]
+        texts = self._texts.lookup(wanted)
+        queries = batch.column("text").to_pylist()
+        scores = np.empty(len(order), dtype=np.float64)
+        scores[order] = self.score_pairs([(queries[r], texts[doc_id]) for r, doc_id in zip(rows[order].tolist(), wanted)])
+        candidate = np.full(len(candidates.ids), np.nan)
+        candidate[kept] = scores[len(positives.group):]
+        batch = batch.append_column("positive_ce_scores", positives.lists(scores[:len(positives.group)]))
+        return batch.append_column("ce_scores", candidates.lists(candidate))
+
+
+class _Flat:
+    """A list column of a batch, flat: each element's row and value, and lists rebuilt alike."""
+
+    def __init__(self, column: pa.Array) -> None:
+        self.lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.group = np.repeat(np.arange(len(column), dtype=np.int64), self.lengths)
+        self.ids = pc.list_flatten(column).to_pylist()
+
+    def lists(self, values: np.ndarray) -> pa.Array:
+        """float32 lists aligned with this column, null where `values` is NaN (not scored)."""
+        offsets = pa.array(np.r_[0, np.cumsum(self.lengths)].astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32), pa.float32(), from_pandas=True))
+
+
+def _flat(batch: pa.Table, name: str) -> _Flat:
+    column = batch.column(name)
+    return _Flat(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
