@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hardneg.pipeline.config import ConfigError, MineConfig
+from hardneg.pipeline.executors import hook_seconds_for_tests
 from hardneg.pipeline.plan import Machine, Node, index_plan, mine_plan
 from hardneg.pipeline.store import (CODE_VERSION, FileLock, WorkDir, commit_dir, default_work_dir, fingerprint,
                                     write_json_atomic)
@@ -74,15 +75,12 @@ def _test_pause(stage: str) -> None:
     `stage` computed its output into its temp folder and before it is committed, so a test can
     SIGKILL the run at that exact point (tests/test_resume.py) or start a second run beside it
     (tests/test_lock.py). Unset in normal use; costs one environment lookup per stage."""
-    spec = os.environ.get("HARDNEG_TEST_PAUSE_AT")
-    if not spec:
-        return
-    name, _, seconds = spec.partition(":")
-    if name == stage:
+    seconds = hook_seconds_for_tests("HARDNEG_TEST_PAUSE_AT", stage, 3600)
+    if seconds is not None:
         log.warning("test hook: pausing before committing %s (pid %d)", stage, os.getpid())
         for handler in logging.getLogger().handlers:
             handler.flush()
-        time.sleep(float(seconds or 3600))
+        time.sleep(seconds)
 
 
 def resolve_output(out: Path) -> Path:
