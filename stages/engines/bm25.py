@@ -452,6 +452,9 @@ class BM25Index:
         width = max((len(t) for t in token_ids), default=0)
         if width == 0 or len(rows) == 0:
             return out
+        dense = _dense_scores(data, indices, indptr, token_ids, query, len(self.doc_ids))
+        if dense is not None:
+            return dense[0][dense[1][query], np.asarray(rows, dtype=np.int64)]
         table = np.full((len(token_ids), width), -1, dtype=np.int64)
         for i, t in enumerate(token_ids):
             table[i, : len(t)] = t
@@ -528,6 +531,34 @@ class BM25IndexStage(GlobalStage):
         index = BM25Index.build(corpus.column("doc_id").combine_chunks(), corpus.column("text").to_pylist(), self.cfg)
         index.save(out_dir)
         return {"documents": corpus.num_rows, "engine": self.cfg.engine}
+
+
+# score_rows on a small corpus: each query's score of every document (queries x documents at most
+# this many cells, their terms' postings at most POSTINGS_BUDGET entries), then the pairs gathered.
+DENSE_SCORE_CELLS = 4_000_000
+
+
+def _dense_scores(data, indices, indptr, token_ids, query: np.ndarray, n_docs: int):
+    """(scores [asked query, document], slot of each query) when the asked queries' whole-corpus
+    scores are small to hold, else None. Each query's terms are added in query order from 0.0
+    (bincount sums in input order), as `score` adds them: the same float64 values."""
+    wanted = np.unique(query)
+    if len(wanted) * n_docs > DENSE_SCORE_CELLS:
+        return None
+    lists = [np.asarray(token_ids[i], dtype=np.int64) for i in wanted.tolist()]
+    terms = np.concatenate(lists)
+    lo = indptr[terms].astype(np.int64)
+    lengths = indptr[terms + 1].astype(np.int64) - lo
+    total = int(lengths.sum())
+    if total > POSTINGS_BUDGET:
+        return None
+    owner = np.repeat(np.arange(len(wanted), dtype=np.int64), [len(t) for t in lists])
+    entry = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths) + np.arange(total, dtype=np.int64)
+    keys = np.repeat(owner, lengths) * n_docs + indices[entry]
+    sums = np.bincount(keys, weights=data[entry], minlength=len(wanted) * n_docs).reshape(len(wanted), n_docs)
+    slot = np.full(len(token_ids), -1, dtype=np.int64)
+    slot[wanted] = np.arange(len(wanted))
+    return sums, slot
 
 
 def _posting_weights(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: np.ndarray,
