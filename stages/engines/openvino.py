@@ -123,8 +123,10 @@ def _pool(mode: str, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return hidden[np.arange(len(hidden)), mask.argmax(axis=1)]
     if mode == "max":
         return np.where(mask[:, :, None] > 0, hidden, -np.inf).max(axis=1).astype(np.float32)
-    weights = mask.astype(np.float32)[:, :, None]
-    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), np.float32(1e-9))
+    weights = mask.astype(np.float32)
+    # A batched matrix product over the tokens (BLAS), not a [rows, tokens, dim] temporary.
+    sums = np.matmul(weights[:, None, :], hidden)[:, 0, :]
+    return sums / np.maximum(weights.sum(axis=1, keepdims=True), np.float32(1e-9))
 
 
 def _normalize(vectors: np.ndarray) -> np.ndarray:
