@@ -79,6 +79,8 @@ TUNE_RECIPES = [  # every entry of the search in RESULTS.md, in the order it ran
     {**_STRONG, "loss": "gist"},
     {**_STRONG, "loss": "gist", "wise_alpha": 0.7},
     {**_STRONG, "loss": "gist", "wise_alpha": 0.5},
+    {**_GIST, "num_negatives": 3},  # more mined negatives per pair: does the negative matter more?
+    {**_GIST, "num_negatives": 5},
 ]
 
 

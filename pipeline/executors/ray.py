@@ -218,7 +218,8 @@ class RayExecutor:
             try:
                 ray = self._init_ray()
                 for stage in warm:
-                    self._pool(ray, stage, warm=True)
+                    if self._users.get(stage.pool_key(), 0) > 0:  # not already done by the driver
+                        self._pool(ray, stage, warm=True)
             except BaseException as err:  # noqa: BLE001 - handed to the driver thread, raised there
                 self._start_error = err
             finally:
