@@ -409,32 +409,37 @@ class BM25Index:
                       k: int) -> tuple[np.ndarray, ...]:
         s = self._retriever.scores
         data, indices, indptr, n_docs = s["data"], s["indices"], s["indptr"], int(s["num_docs"])
-        dense = [i for i in range(lo, hi) if sizes[i] > n_docs // DENSE_SHARE]
-        sparse = [i for i in range(lo, hi) if sizes[i] <= n_docs // DENSE_SHARE and len(token_ids[i])]
+        # Scratch of this group (this thread): every document's running sum, and which were touched.
+        sums, touched = np.zeros(n_docs), np.zeros(n_docs, dtype=bool)
         parts = []
-        for i in dense:  # the whole corpus would be gathered anyway: one dense score vector
-            rows, scores = self._top_k(self._retriever.get_scores_from_ids(token_ids[i].tolist()), k)
+        for i in range(lo, hi):
+            if not len(token_ids[i]):
+                continue
+            if sizes[i] > n_docs // DENSE_SHARE:  # the whole corpus would be gathered anyway
+                rows, scores = self._top_k(self._retriever.get_scores_from_ids(token_ids[i].tolist()), k)
+            else:
+                rows, scores = self._sparse_top_k(token_ids[i], k, data, indices, indptr, sums, touched)
             parts.append((np.full(len(rows), i, dtype=np.int64), rows.astype(np.int64), scores))
-        if sparse:
-            terms = np.concatenate([token_ids[i] for i in sparse])
-            query = np.repeat(np.array(sparse, dtype=np.int64), [len(token_ids[i]) for i in sparse])
-            first, lengths = indptr[terms], indptr[terms + 1] - indptr[terms]
-            # Every posting of every (query, term) pair, in query then term order.
-            at = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-            keys = np.repeat(query, lengths) * n_docs + indices[at]
-            unique, inverse = np.unique(keys, return_inverse=True)
-            # bincount adds the weights in input order, i.e. each document's terms in query order
-            # starting from 0.0: the same float64 sums as bm25s's np.add.at over a zero vector.
-            sums = np.bincount(inverse.reshape(-1), weights=data[at], minlength=len(unique))
-            keep = sums > 0
-            q, rows = np.divmod(unique[keep], n_docs)
-            parts.append((q, rows, sums[keep]))
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
-        q, rows, scores = (np.concatenate([p[j] for p in parts]) for j in range(3))
-        order = np.lexsort((self._rank[rows], -scores, q))
-        q, rows, scores = q[order], rows[order], scores[order]
-        return _first_k_per_group(q, k, rows, scores)
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def _sparse_top_k(self, terms: np.ndarray, k: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+                      sums: np.ndarray, touched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One query's top k from the postings of its terms only, summed into the `sums` scratch
+        (zero again on return). np.add.at adds in index order, i.e. each document's terms in query
+        order from 0.0: the same float64 sums as bm25s's np.add.at over a zero vector."""
+        first, lengths = indptr[terms], indptr[terms + 1] - indptr[terms]
+        at = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        docs = indices[at]
+        np.add.at(sums, docs, data[at])
+        touched[docs] = True
+        rows = np.flatnonzero(touched)  # ascending, each document once
+        scores = sums[rows]
+        sums[rows] = 0.0
+        touched[rows] = False
+        keep = scores > 0
+        return self._select(rows[keep], scores[keep], k)
 
     def score_rows(self, token_ids: list[np.ndarray], query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """BM25 score of each (query, row) pair: `score` for a whole batch at once, a sparse gather
@@ -490,11 +495,14 @@ class BM25Index:
         # Select among the matching docs only: on a big corpus most scores are 0,
         # and np.argpartition degrades badly on long runs of equal values.
         cand = np.flatnonzero(scores > 0)
+        return self._select(cand, scores[cand], k)
+
+    def _select(self, cand: np.ndarray, sc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of documents `cand` scoring `sc` (> 0): score desc, then doc id."""
         if k < len(cand):
-            sc = scores[cand]
             kth = sc[np.argpartition(sc, len(sc) - k)[len(sc) - k]]
-            cand = cand[sc >= kth]  # the whole tie group at the cut; trimmed to k below
-        sc = scores[cand]
+            tie_group = sc >= kth  # the whole tie group at the cut; trimmed to k below
+            cand, sc = cand[tie_group], sc[tie_group]
         o = np.lexsort((self._rank[cand], -sc))[:k]  # last key is primary
         return cand[o], sc[o]
 
