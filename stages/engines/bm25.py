@@ -426,15 +426,20 @@ class BM25Index:
 
     def _sparse_top_k(self, terms: np.ndarray, k: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
                       sums: np.ndarray, touched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One query's top k from the postings of its terms only, summed into the `sums` scratch
-        (zero again on return). np.add.at adds in index order, i.e. each document's terms in query
-        order from 0.0: the same float64 sums as bm25s's np.add.at over a zero vector."""
-        first, lengths = indptr[terms], indptr[terms + 1] - indptr[terms]
-        at = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-        docs = indices[at]
-        np.add.at(sums, docs, data[at])
-        touched[docs] = True
-        rows = np.flatnonzero(touched)  # ascending, each document once
+        """One query's top k from the postings of its terms only, summed term by term into the
+        `sums` scratch (zero again on return): a term's postings hold each document once, so each
+        document's terms are added in query order from 0.0, the same float64 sums as bm25s's
+        np.add.at over a zero vector. The documents are collected as first touched (any order
+        serves: the selection orders by score, then doc id)."""
+        found = []
+        for t in terms.tolist():
+            lo, hi = int(indptr[t]), int(indptr[t + 1])
+            docs = indices[lo:hi]
+            sums[docs] += data[lo:hi]
+            new = docs[~touched[docs]]
+            touched[new] = True
+            found.append(new)
+        rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
         scores = sums[rows]
         sums[rows] = 0.0
         touched[rows] = False
