@@ -49,10 +49,11 @@ def release_pages(array: np.ndarray) -> None:
     Reading a memmap leaves every touched page mapped, so a pass over a 1.5 GB vectors file ends
     with 1.5 GB resident, though the process needs one chunk at a time. The pages stay in the
     kernel's page cache (the next touch is a cheap minor fault); only this process's share goes.
-    A no-op for ordinary arrays."""
+    Written pages of a shared file mapping stay in the page cache as dirty pages, so no write is
+    lost and none is forced to disk here (a per-chunk msync made the writer wait for the disk;
+    a writer that wants the file durable flushes once at its end). A no-op for ordinary arrays."""
     handle = getattr(array, "_mmap", None)
     if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise"):
-        handle.flush()
         handle.madvise(mmap.MADV_DONTNEED)
 
 
