@@ -567,17 +567,19 @@ class _RowTerms:
         np.cumsum(np.bincount(indices, minlength=n_docs), out=self.start[1:])
 
     def weights(self, data: np.ndarray, terms: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each (term, row): whether the row contains the term, and its weight there."""
-        lo, end = self.start[rows], self.start[rows + 1]
+        """For each (term, row): whether the row contains the term, and its weight there. A lower
+        bound of the term in the row's sorted terms, all pairs in step: as many halvings as the
+        longest row needs (a pair whose range is empty just stays), no compaction between them."""
+        lo = self.start[rows].astype(self.position.dtype)
+        end = self.start[rows + 1].astype(self.position.dtype)
         hi = end.copy()
-        active = np.flatnonzero(lo < hi)
-        while len(active):  # lower bound of the term in the row's sorted terms
-            a_lo, a_hi = lo[active], hi[active]
-            mid = (a_lo + a_hi) >> 1
-            less = self.terms[mid] < terms[active]
-            lo[active] = np.where(less, mid + 1, a_lo)
-            hi[active] = np.where(less, a_hi, mid)
-            active = active[lo[active] < hi[active]]
+        longest = int((end - lo).max()) if len(rows) else 0
+        last = max(len(self.terms) - 1, 0)
+        for _ in range(longest.bit_length()):  # ceil(log2(longest + 1)) halvings
+            mid = (lo + hi) >> 1
+            less = (self.terms[np.minimum(mid, last)] < terms) & (lo < hi)
+            lo = np.where(less, mid + 1, lo)
+            hi = np.where(less, hi, mid)
         found = lo < end
         found[found] = self.terms[lo[found]] == terms[found]
         weight = np.zeros(len(terms))
