@@ -91,7 +91,7 @@ _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or th
 # bm25s's default (= scikit-learn's) word pattern: runs of >= 2 word characters.
 _TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 _EPSILON = 0.25  # BM25Okapi's default idf floor factor; we mirror it exactly.
-POSTINGS_BUDGET = 1 << 23  # postings gathered per group of queries in search_rows (~200 MB peak)
+POSTINGS_BUDGET = 1 << 23  # postings per group of queries in search_rows (the unit of work of a thread)
 DENSE_SHARE = 4  # a query whose postings exceed 1/DENSE_SHARE of the corpus is scored densely
 _FORMAT = "hardneg-bm25"
 _FORMAT_VERSION = 1
@@ -371,9 +371,10 @@ class BM25Index:
     def search_rows(self, token_ids: list[np.ndarray], k: int, n_threads: int = 1) -> tuple[np.ndarray, ...]:
         """`search` for a batch of queries, as flat arrays (query, row, score) ordered by query,
         then score desc, then doc id: each query's top k with score > 0, the same rows and the same
-        float64 scores as `search`. Only the postings of the queries' terms are touched (a sparse
-        accumulation), never a corpus-length vector, except for a query whose postings are a large
-        share of the corpus (that one is scored densely, as `search` does). Groups of queries run
+        float64 scores as `search`. Only the postings of the queries' terms are read and summed (a
+        sparse accumulation into one reused corpus-length scratch per group, of which only the
+        touched entries are read back), except for a query whose postings are a large share of the
+        corpus (that one is scored densely, as `search` does). Groups of queries run
         in `n_threads` threads; every group's result is independent of the others, so the output
         is the same for any thread count."""
         if k < 1:
