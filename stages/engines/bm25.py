@@ -433,17 +433,23 @@ class BM25Index:
         np.add.at over a zero vector. The documents are collected as first touched (any order
         serves: the selection orders by score, then doc id)."""
         found = []
+        positive = self._positive_weights(data)
         for t in terms.tolist():
             lo, hi = int(indptr[t]), int(indptr[t + 1])
             docs = indices[lo:hi]
-            sums[docs] += data[lo:hi]
-            new = docs[~touched[docs]]
-            touched[new] = True
-            found.append(new)
+            before = sums[docs]
+            sums[docs] = before + data[lo:hi]
+            if positive:  # a touched document's sum is > 0: the sums say which are new
+                found.append(docs[before == 0.0])
+            else:
+                new = docs[~touched[docs]]
+                touched[new] = True
+                found.append(new)
         rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
         scores = sums[rows]
         sums[rows] = 0.0
-        touched[rows] = False
+        if not positive:
+            touched[rows] = False
         keep = scores > 0
         return self._select(rows[keep], scores[keep], k)
 
@@ -480,6 +486,13 @@ class BM25Index:
             at = at[hit[at]]
             out[pair[at]] += weight[at]
         return out
+
+    def _positive_weights(self, data: np.ndarray) -> bool:
+        # Every weight > 0 (the usual case: the idf floor is positive unless most terms are in
+        # more than half of the documents): then a summed document is one with a sum > 0.
+        if getattr(self, "_all_positive", None) is None:
+            self._all_positive = bool(len(data) == 0 or data.min() > 0)
+        return self._all_positive
 
     def _by_row(self) -> "_RowTerms":
         if getattr(self, "_row_terms", None) is None:
