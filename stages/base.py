@@ -73,6 +73,14 @@ class MapStage(Stage):
             self.setup()
             self._ready = True
 
+    def release(self) -> None:
+        """Drop what setup loaded (models, indices, memory maps: the private attributes, which a
+        worker never receives either). The runner keeps every stage of a run until its end, so
+        a stage that ran in the driver would otherwise hold its index into the next stages."""
+        for key in [k for k in self.__dict__ if k.startswith("_")]:
+            del self.__dict__[key]
+        self._ready = False
+
     def transform(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -39,12 +39,13 @@ from hardneg.stages.io import DocIds, VectorFile, id_bytes, read_table
 log = logging.getLogger("hardneg")
 
 SCAN_CHUNK = 16_384  # corpus rows per block of the exact positive-rank scan
-GATHER_BUDGET = 1 << 22  # float64 vector elements gathered at once (32 MB) for exact scores
+GATHER_BUDGET = 1 << 18  # float64 vector elements gathered at once (2 MB, cache-sized) for exact scores
 SCAN_COLUMNS = 256  # positives compared against one scanned block at a time
 
 
 class _BatchVectors:
-    """The stored vectors of the rows one batch touches, read once and gathered by row."""
+    """The stored vectors of the rows one batch touches, read once, and the exact scores of the
+    batch's (query, row) pairs: each distinct pair scored once, whichever source found it."""
 
     def __init__(self, source: VectorFile, rows: np.ndarray) -> None:
         self._rows = np.unique(rows[rows >= 0])
@@ -60,25 +61,17 @@ class _BatchVectors:
         return out
 
     def _chunks(self, n: int, width: int):
+        # Small enough that a chunk's float64 copies stay in cache between gather and product.
         step = max(1, GATHER_BUDGET // max(1, width * self._matrix.shape[1]))
         return ((i, min(i + step, n)) for i in range(0, n, step))
 
-    def exact(self, queries: np.ndarray, grid: np.ndarray) -> np.ndarray:
-        """float64 dot products of query i with the vectors of grid[i] (rows, -1 = none), as
-        float32; -inf where there is no row. One stacked matrix-vector product per chunk."""
-        out = np.full(grid.shape, -np.inf, dtype=np.float32)
-        q = queries.astype(np.float64)
-        for a, b in self._chunks(len(grid), grid.shape[1]):
-            if grid.shape[1]:
-                out[a:b] = np.matmul(self._get(grid[a:b]), q[a:b, :, None])[:, :, 0].astype(np.float32)
-        out[grid < 0] = -np.inf
-        return out
-
     def exact_and_max_cosine(self, queries: np.ndarray, grid: np.ndarray,
                              positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`exact(queries, grid)`, and per grid[i, j] the highest cosine of that row's vector to
-        the vectors of positives[i] (float64, then float32; NaN where query i has no positive),
-        from one gather of the grid's vectors."""
+        """float64 dot products of query i with the vectors of grid[i] (rows, -1 = none), as
+        float32 (-inf where there is no row), and per grid[i, j] the highest cosine of that row's
+        vector to the vectors of positives[i] (float64, then float32; NaN where query i has no
+        positive), from one gather of the grid's vectors. One stacked matrix-vector product per
+        chunk of queries."""
         dots = np.full(grid.shape, -np.inf, dtype=np.float32)
         best_all = np.full(grid.shape, np.nan, dtype=np.float32)
         if grid.shape[1] == 0:
@@ -96,6 +89,38 @@ class _BatchVectors:
             best_all[a:b] = best.astype(np.float32)
         dots[grid < 0] = -np.inf
         return dots, best_all
+
+
+class _PairScores:
+    """The exact dense score (and highest cosine to the query's positives) of every distinct
+    (query, row) pair of a batch, computed once: the positives, the dense hits and the BM25 hits
+    share one gather of their vectors, and each source's scores are looked up by pair."""
+
+    def __init__(self, vectors: _BatchVectors, queries: np.ndarray, n_docs: int, pos_grid: np.ndarray,
+                 pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self._n_docs = n_docs
+        q = np.concatenate([p[0] for p in pairs])
+        rows = np.concatenate([p[1] for p in pairs])
+        keep = rows >= 0
+        self._keys = np.unique(q[keep] * n_docs + rows[keep])
+        q, rows = np.divmod(self._keys, n_docs)
+        grid = _grid(q, rows, len(queries))
+        dots, cosines = vectors.exact_and_max_cosine(queries, grid, pos_grid)
+        inside = grid >= 0  # row-major: the keys' order
+        self._dots, self._cosines = dots[inside], cosines[inside]
+
+    def _at(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._keys, q * self._n_docs + np.maximum(rows, 0))
+
+    def dots(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float32 exact scores of the pairs (any shape); -inf where rows < 0."""
+        if len(self._keys) == 0:
+            return np.full(rows.shape, -np.inf, dtype=np.float32)
+        out = self._dots[np.minimum(self._at(q, rows), len(self._keys) - 1)]
+        return np.where(rows >= 0, out, np.float32(-np.inf))
+
+    def cosines(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self._cosines[self._at(q, rows)] if len(rows) else np.zeros(0, np.float32)
 
 
 def _grid(group: np.ndarray, values: np.ndarray, n: int, fill: int = -1) -> np.ndarray:
@@ -222,8 +247,11 @@ class CandidatesStage(MapStage):
         # Every stored vector the batch needs (positives, both miners' hits), read once.
         vectors = _BatchVectors(self._vectors, np.concatenate([pos_rows, ann_rows.ravel(), hits[1]]))
         pos_grid = _grid(pos_q, pos_rows, n)
-        pos_scores = vectors.exact(queries, pos_grid)[pos_grid >= 0]
-        ann_scores = vectors.exact(queries, ann_rows)
+        ann_q = np.broadcast_to(np.arange(n)[:, None], ann_rows.shape)
+        exact = _PairScores(vectors, queries, len(self._ids), pos_grid,
+                            [(pos_q, pos_rows), (ann_q.ravel(), ann_rows.ravel()), (hits[0], hits[1])])
+        pos_scores = exact.dots(pos_q, pos_rows)
+        ann_scores = exact.dots(ann_q, ann_rows)
         pos_ranks = self._positive_ranks(queries, ann_rows, ann_scores, pos_q, pos_rows, pos_scores, depth)
 
         sources = []
@@ -234,8 +262,7 @@ class CandidatesStage(MapStage):
             keep = ~_masked(q, rows, mask_keys, len(self._ids))
             sources.append(("bm25", _first_k(q[keep], self.range_max, rows[keep], scores[keep])))
         cand = self._fuse(sources, n)
-        columns = self._columns(batch, queries, vectors, tokens, cand, pos_q, pos_rows, pos_grid, pos_scores,
-                                pos_ranks)
+        columns = self._columns(batch, exact, tokens, cand, pos_q, pos_rows, pos_scores, pos_ranks)
         out = batch.drop_columns(["embedding"])
         for name in schemas.CANDIDATES.names[len(schemas.QUERIES):]:
             out = out.append_column(name, columns[name].cast(schemas.CANDIDATES.field(name).type))
@@ -336,15 +363,11 @@ class CandidatesStage(MapStage):
             higher[inside] -= block[rows[inside] - start, column[inside]] > threshold[inside]
         return higher + 1
 
-    def _columns(self, batch: pa.Table, queries: np.ndarray, vectors: _BatchVectors, tokens, cand: dict,
-                 pos_q: np.ndarray, pos_rows: np.ndarray, pos_grid: np.ndarray, pos_scores: np.ndarray,
-                 pos_ranks: np.ndarray) -> dict[str, pa.Array]:
+    def _columns(self, batch: pa.Table, exact: _PairScores, tokens, cand: dict, pos_q: np.ndarray,
+                 pos_rows: np.ndarray, pos_scores: np.ndarray, pos_ranks: np.ndarray) -> dict[str, pa.Array]:
         n, counts = batch.num_rows, cand["counts"]
         pos_counts = np.bincount(pos_q, minlength=n) if len(pos_q) else np.zeros(n, dtype=np.int64)
-        cand_grid = _grid(cand["q"], cand["row"], n)
-        inside = cand_grid >= 0
-        dense, similarity = vectors.exact_and_max_cosine(queries, cand_grid, pos_grid)
-        dense, similarity = dense[inside], similarity[inside]
+        dense, similarity = exact.dots(cand["q"], cand["row"]), exact.cosines(cand["q"], cand["row"])
         ints, floats = pa.int64(), pa.float32()
         columns = {
             "positive_dense_scores": _list_array(pos_counts, pa.array(pos_scores, floats)),

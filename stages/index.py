@@ -24,7 +24,7 @@ from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, parqu
 
 class IndexStage(GlobalStage):
     name = "index"
-    version = "1"
+    version = "2"  # 2: the calibration reference top-k by numpy sgemm (index.json recall curve)
 
     def __init__(self, index: IndexConfig) -> None:
         self.index = index

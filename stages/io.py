@@ -49,10 +49,11 @@ def release_pages(array: np.ndarray) -> None:
     Reading a memmap leaves every touched page mapped, so a pass over a 1.5 GB vectors file ends
     with 1.5 GB resident, though the process needs one chunk at a time. The pages stay in the
     kernel's page cache (the next touch is a cheap minor fault); only this process's share goes.
-    A no-op for ordinary arrays."""
+    Written pages of a shared file mapping stay in the page cache as dirty pages, so no write is
+    lost and none is forced to disk here (a per-chunk msync made the writer wait for the disk;
+    a writer that wants the file durable flushes once at its end). A no-op for ordinary arrays."""
     handle = getattr(array, "_mmap", None)
     if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise"):
-        handle.flush()
         handle.madvise(mmap.MADV_DONTNEED)
 
 
@@ -184,6 +185,9 @@ class DocIds:
         self.rank[order] = np.arange(len(order))
         self._order = order
         self._sorted = id_bytes(self.array.take(pa.array(order)))
+        # Ids of at most 8 bytes compare as big-endian integers (memcmp order, NUL-padded), and
+        # an integer binary search is several times faster than one over byte strings.
+        self._keys = _u64(self._sorted) if self._sorted.dtype.itemsize <= 8 else None
 
     def __len__(self) -> int:
         return len(self.rank)
@@ -198,6 +202,13 @@ class DocIds:
             values = np.where(too_long, b"", values).astype(self._sorted.dtype)
         else:
             too_long = np.zeros(len(values), dtype=bool)
+        if self._keys is not None:
+            keys = _u64(values)
+            order = np.argsort(keys)  # sorted needles: a cache-friendly binary search, ~5x faster
+            at = np.empty(len(keys), dtype=np.int64)
+            at[order] = np.minimum(np.searchsorted(self._keys, keys[order]), len(self._keys) - 1)
+            found = (self._keys[at] == keys) & ~too_long
+            return np.where(found, self._order[at], -1).astype(np.int64)
         at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
         found = (self._sorted[at] == values) & ~too_long
         return np.where(found, self._order[at], -1).astype(np.int64)
@@ -206,7 +217,28 @@ class DocIds:
         return self.array.take(pa.array(rows, type=pa.int64()))
 
 
+def _u64(values: np.ndarray) -> np.ndarray:
+    """Fixed-width byte strings of at most 8 bytes as integers in the same (memcmp) order."""
+    return np.ascontiguousarray(values.astype("S8")).view(">u8").astype(np.uint64)
+
+
 def id_bytes(ids: pa.Array) -> np.ndarray:
     # numpy's fixed-width bytes compare like memcmp, as Arrow sorts (ids hold no NUL bytes).
-    values = ids.cast(pa.binary()).to_numpy(zero_copy_only=False)
-    return np.array(values, dtype=bytes) if len(values) else np.zeros(0, dtype="S1")
+    # Built from the Arrow buffers (offsets, bytes) by numpy: no Python bytes object per id.
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    values = ids.cast(pa.binary())
+    if len(values) == 0:
+        return np.zeros(0, dtype="S1")
+    if values.null_count:
+        return np.array(values.to_numpy(zero_copy_only=False), dtype=bytes)
+    _, offsets, data = values.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32)[values.offset:values.offset + len(values) + 1]
+    lengths = np.diff(offsets)
+    width = max(1, int(lengths.max()))
+    out = np.zeros((len(values), width), dtype=np.uint8)
+    if offsets[-1] > offsets[0]:
+        row = np.repeat(np.arange(len(values)), lengths)
+        out[row, np.arange(len(row)) - np.repeat(offsets[:-1] - offsets[0], lengths)] = \
+            np.frombuffer(data, dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return out.view(f"S{width}").reshape(len(values))

@@ -222,3 +222,30 @@ def test_batched_rows_equal_search_and_score(engine, indexes, results, cranfield
         for qi in np.unique(q)[::10].tolist():
             at = np.flatnonzero(q == qi)
             assert scores[at].tolist() == idx.score(queries[qi], [doc_ids[r] for r in rows[at].tolist()]), cells
+
+
+def test_sparse_retrieval_with_non_positive_weights(monkeypatch):
+    """A corpus whose weights are not all positive (here a term in exactly half of the documents:
+    idf 0; the negative floor of terms in more than half is the other case): the sparse path
+    cannot tell a summed document by its running sum being non-zero, and must still return
+    `search`'s rows and scores, each document once, and `score`'s values."""
+    import hardneg.stages.engines.bm25 as bm25_engine
+
+    rng = np.random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    texts = [" ".join([*rng.choice(words[:3] if i % 5 else words, size=6), *(["half"] if i < 30 else []),
+                       *(["rare"] if i % 3 == 0 else [])]) for i in range(60)]
+    ids = [f"d{i:02d}" for i in range(60)]
+    cfg = BM25Config(stopwords=None, stemmer=None)
+    idx = BM25Index.build(ids, texts, cfg)
+    assert idx._retriever.scores["data"].min() <= 0  # the case under test
+    queries = ["half rare", "alpha beta", "omega alpha half", "sigma delta gamma", "beta beta omega", "zeta"]
+    expected = idx.search(queries, 60)  # every match: a document counted twice would show
+    monkeypatch.setattr(bm25_engine, "DENSE_SHARE", 1)  # every query takes the sparse path
+    tokens = idx.prepare(queries)
+    assert _per_query(*idx.search_rows(tokens, 60), len(queries), idx.doc_ids) == (expected[0], expected[1])
+    q = np.repeat(np.arange(len(queries)), 60)
+    rows = np.tile(np.arange(60), len(queries))
+    scores = idx.score_rows(tokens, q, rows)
+    for i, text in enumerate(queries):
+        assert scores[q == i].tolist() == idx.score(text, ids)

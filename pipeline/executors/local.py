@@ -21,11 +21,14 @@ class LocalExecutor:
 
     def run_map(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
         total = count_rows(input_dir)
-        with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
-            for batch in iter_batches(input_dir, stage.resources.batch_size):
-                batch_delay_for_tests(stage.name)
-                writer.write(stage(batch))
-                bar.update(batch.num_rows)
+        try:
+            with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
+                for batch in iter_batches(input_dir, stage.resources.batch_size):
+                    batch_delay_for_tests(stage.name)
+                    writer.write(stage(batch))
+                    bar.update(batch.num_rows)
+        finally:
+            stage.release()  # its index and memory maps are not needed by the stages after it
         return writer.rows
 
     def close(self) -> None:

@@ -311,6 +311,7 @@ class RayExecutor:
         try:
             return self._drive(stage, input_dir, out_dir)
         finally:
+            stage.release()  # what the driver loaded to help with the batches
             if self._users.get(key, 0) > 0:
                 self._users[key] -= 1
             if self._users.get(key, 0) <= 0 and key in self._pools:

@@ -91,7 +91,7 @@ _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or th
 # bm25s's default (= scikit-learn's) word pattern: runs of >= 2 word characters.
 _TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 _EPSILON = 0.25  # BM25Okapi's default idf floor factor; we mirror it exactly.
-POSTINGS_BUDGET = 1 << 23  # postings gathered per group of queries in search_rows (~200 MB peak)
+POSTINGS_BUDGET = 1 << 23  # postings per group of queries in search_rows (the unit of work of a thread)
 DENSE_SHARE = 4  # a query whose postings exceed 1/DENSE_SHARE of the corpus is scored densely
 _FORMAT = "hardneg-bm25"
 _FORMAT_VERSION = 1
@@ -371,9 +371,10 @@ class BM25Index:
     def search_rows(self, token_ids: list[np.ndarray], k: int, n_threads: int = 1) -> tuple[np.ndarray, ...]:
         """`search` for a batch of queries, as flat arrays (query, row, score) ordered by query,
         then score desc, then doc id: each query's top k with score > 0, the same rows and the same
-        float64 scores as `search`. Only the postings of the queries' terms are touched (a sparse
-        accumulation), never a corpus-length vector, except for a query whose postings are a large
-        share of the corpus (that one is scored densely, as `search` does). Groups of queries run
+        float64 scores as `search`. Only the postings of the queries' terms are read and summed (a
+        sparse accumulation into one reused corpus-length scratch per group, of which only the
+        touched entries are read back), except for a query whose postings are a large share of the
+        corpus (that one is scored densely, as `search` does). Groups of queries run
         in `n_threads` threads; every group's result is independent of the others, so the output
         is the same for any thread count."""
         if k < 1:
@@ -409,37 +410,54 @@ class BM25Index:
                       k: int) -> tuple[np.ndarray, ...]:
         s = self._retriever.scores
         data, indices, indptr, n_docs = s["data"], s["indices"], s["indptr"], int(s["num_docs"])
-        dense = [i for i in range(lo, hi) if sizes[i] > n_docs // DENSE_SHARE]
-        sparse = [i for i in range(lo, hi) if sizes[i] <= n_docs // DENSE_SHARE and len(token_ids[i])]
+        # Scratch of this group (this thread): every document's running sum, and which were touched.
+        sums, touched = np.zeros(n_docs), np.zeros(n_docs, dtype=bool)
         parts = []
-        for i in dense:  # the whole corpus would be gathered anyway: one dense score vector
-            rows, scores = self._top_k(self._retriever.get_scores_from_ids(token_ids[i].tolist()), k)
+        for i in range(lo, hi):
+            if not len(token_ids[i]):
+                continue
+            if sizes[i] > n_docs // DENSE_SHARE:  # the whole corpus would be gathered anyway
+                rows, scores = self._top_k(self._retriever.get_scores_from_ids(token_ids[i].tolist()), k)
+            else:
+                rows, scores = self._sparse_top_k(token_ids[i], k, data, indices, indptr, sums, touched)
             parts.append((np.full(len(rows), i, dtype=np.int64), rows.astype(np.int64), scores))
-        if sparse:
-            terms = np.concatenate([token_ids[i] for i in sparse])
-            query = np.repeat(np.array(sparse, dtype=np.int64), [len(token_ids[i]) for i in sparse])
-            first, lengths = indptr[terms], indptr[terms + 1] - indptr[terms]
-            # Every posting of every (query, term) pair, in query then term order.
-            at = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-            keys = np.repeat(query, lengths) * n_docs + indices[at]
-            unique, inverse = np.unique(keys, return_inverse=True)
-            # bincount adds the weights in input order, i.e. each document's terms in query order
-            # starting from 0.0: the same float64 sums as bm25s's np.add.at over a zero vector.
-            sums = np.bincount(inverse.reshape(-1), weights=data[at], minlength=len(unique))
-            keep = sums > 0
-            q, rows = np.divmod(unique[keep], n_docs)
-            parts.append((q, rows, sums[keep]))
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
-        q, rows, scores = (np.concatenate([p[j] for p in parts]) for j in range(3))
-        order = np.lexsort((self._rank[rows], -scores, q))
-        q, rows, scores = q[order], rows[order], scores[order]
-        return _first_k_per_group(q, k, rows, scores)
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def _sparse_top_k(self, terms: np.ndarray, k: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+                      sums: np.ndarray, touched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One query's top k from the postings of its terms only, summed term by term into the
+        `sums` scratch (zero again on return): a term's postings hold each document once, so each
+        document's terms are added in query order from 0.0, the same float64 sums as bm25s's
+        np.add.at over a zero vector. The documents are collected as first touched (any order
+        serves: the selection orders by score, then doc id)."""
+        found = []
+        positive = self._positive_weights(data)
+        for t in terms.tolist():
+            lo, hi = int(indptr[t]), int(indptr[t + 1])
+            docs = indices[lo:hi]
+            before = sums[docs]
+            sums[docs] = before + data[lo:hi]
+            if positive:  # a touched document's sum is > 0: the sums say which are new
+                found.append(docs[before == 0.0])
+            else:
+                new = docs[~touched[docs]]
+                touched[new] = True
+                found.append(new)
+        rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+        scores = sums[rows]
+        sums[rows] = 0.0
+        if not positive:
+            touched[rows] = False
+        keep = scores > 0
+        return self._select(rows[keep], scores[keep], k)
 
     def score_rows(self, token_ids: list[np.ndarray], query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """BM25 score of each (query, row) pair: `score` for a whole batch at once, a sparse gather
-        over the document-term matrix (a binary search of each term's sorted postings for all
-        pairs together). Terms are added in query order from 0.0, so the values are `score`'s."""
+        over the document-term matrix (a binary search of each pair's document's terms, for all
+        pairs together: `_RowTerms`). Terms are added in query order from 0.0, so the values are
+        `score`'s."""
         out = np.zeros(len(rows), dtype=np.float64)
         if self._okapi is not None:
             for i in np.unique(query).tolist():
@@ -448,11 +466,11 @@ class BM25Index:
                     out[at] = self._okapi.get_batch_scores(token_ids[i], np.asarray(rows)[at].tolist())
             return out
         s = self._retriever.scores
-        data, indices, indptr = s["data"], s["indices"], s["indptr"]
+        data = s["data"]
         width = max((len(t) for t in token_ids), default=0)
         if width == 0 or len(rows) == 0:
             return out
-        dense = _dense_scores(data, indices, indptr, token_ids, query, len(self.doc_ids))
+        dense = _dense_scores(data, s["indices"], s["indptr"], token_ids, query, len(self.doc_ids))
         if dense is not None:
             return dense[0][dense[1][query], np.asarray(rows, dtype=np.int64)]
         table = np.full((len(token_ids), width), -1, dtype=np.int64)
@@ -461,16 +479,30 @@ class BM25Index:
         rows = np.asarray(rows, dtype=np.int64)
         terms = table[query]
         pair, column = np.nonzero(terms >= 0)  # every (pair, query term), by pair then term
-        hit, weight = _posting_weights(data, indices, indptr, terms[pair, column], rows[pair])
+        hit, weight = self._by_row().weights(data, terms[pair, column], rows[pair])
         # Terms added in query order, from 0.0: `score`'s sums. Entries grouped by term position
-        # once (a pair has at most one entry per position), not a pass over all of them per term.
-        order = np.argsort(column, kind="stable")
+        # once (a pair has at most one entry per position), not a pass over all of them per term;
+        # a narrow integer type makes the stable sort a radix sort.
+        order = np.argsort(column.astype(np.int16) if width < (1 << 15) else column, kind="stable")
         bounds = np.searchsorted(column[order], np.arange(width + 1))
         for j in range(width):
             at = order[bounds[j]:bounds[j + 1]]
             at = at[hit[at]]
             out[pair[at]] += weight[at]
         return out
+
+    def _positive_weights(self, data: np.ndarray) -> bool:
+        # Every weight > 0 (the usual case: the idf floor is positive unless most terms are in
+        # more than half of the documents): then a summed document is one with a sum > 0.
+        if getattr(self, "_all_positive", None) is None:
+            self._all_positive = bool(len(data) == 0 or data.min() > 0)
+        return self._all_positive
+
+    def _by_row(self) -> "_RowTerms":
+        if getattr(self, "_row_terms", None) is None:
+            s = self._retriever.scores
+            self._row_terms = _RowTerms(s["indices"], s["indptr"], int(s["num_docs"]))
+        return self._row_terms
 
     # ------------------------------------------------------------------ internals
 
@@ -486,11 +518,14 @@ class BM25Index:
         # Select among the matching docs only: on a big corpus most scores are 0,
         # and np.argpartition degrades badly on long runs of equal values.
         cand = np.flatnonzero(scores > 0)
+        return self._select(cand, scores[cand], k)
+
+    def _select(self, cand: np.ndarray, sc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of documents `cand` scoring `sc` (> 0): score desc, then doc id."""
         if k < len(cand):
-            sc = scores[cand]
             kth = sc[np.argpartition(sc, len(sc) - k)[len(sc) - k]]
-            cand = cand[sc >= kth]  # the whole tie group at the cut; trimmed to k below
-        sc = scores[cand]
+            tie_group = sc >= kth  # the whole tie group at the cut; trimmed to k below
+            cand, sc = cand[tie_group], sc[tie_group]
         o = np.lexsort((self._rank[cand], -sc))[:k]  # last key is primary
         return cand[o], sc[o]
 
@@ -561,26 +596,41 @@ def _dense_scores(data, indices, indptr, token_ids, query: np.ndarray, n_docs: i
     return sums, slot
 
 
-def _posting_weights(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: np.ndarray,
-                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each (term, row): whether the row is in the term's postings, and its weight there.
-    One np.searchsorted per distinct term over its sorted postings (the entries grouped by term)."""
-    if not len(terms):
-        return np.zeros(0, dtype=bool), np.zeros(0)
-    order = np.argsort(terms, kind="stable")
-    sorted_terms = terms[order]
-    sorted_rows = rows[order].astype(indices.dtype)  # searchsorted would otherwise copy each posting list
-    bounds = np.flatnonzero(np.r_[True, sorted_terms[1:] != sorted_terms[:-1], True])
-    found = np.zeros(len(terms), dtype=bool)
-    where = np.zeros(len(terms), dtype=np.int64)
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        lo, hi = int(indptr[sorted_terms[a]]), int(indptr[sorted_terms[a] + 1])
-        if hi == lo:
-            continue
-        at = lo + np.minimum(np.searchsorted(indices[lo:hi], sorted_rows[a:b]), hi - lo - 1)
-        found[order[a:b]] = indices[at] == sorted_rows[a:b]
-        where[order[a:b]] = at
-    return found, np.where(found, data[where], 0.0)
+class _RowTerms:
+    """The document-term matrix by document (CSR) beside bm25s's by term (CSC): each document's
+    terms in ascending order and where each sits in the CSC arrays, built once per process (two
+    int32 and one int64 per posting: ~80 MB for 1M twelve-word documents). Looking a (term, row)
+    pair up is then a binary search of that row's few terms, for all pairs at once, instead of
+    one of the term's postings, which grow with the corpus."""
+
+    def __init__(self, indices: np.ndarray, indptr: np.ndarray, n_docs: int) -> None:
+        nnz = len(indices)
+        small = np.int32 if nnz < (1 << 31) else np.int64
+        # Stable: within a document, entries keep CSC order, i.e. ascending term id.
+        self.position = np.argsort(indices, kind="stable").astype(small)
+        self.terms = np.repeat(np.arange(len(indptr) - 1, dtype=small), np.diff(indptr))[self.position]
+        self.start = np.zeros(n_docs + 1, dtype=np.int64)
+        np.cumsum(np.bincount(indices, minlength=n_docs), out=self.start[1:])
+
+    def weights(self, data: np.ndarray, terms: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each (term, row): whether the row contains the term, and its weight there. A lower
+        bound of the term in the row's sorted terms, all pairs in step: as many halvings as the
+        longest row needs (a pair whose range is empty just stays), no compaction between them."""
+        lo = self.start[rows].astype(self.position.dtype)
+        end = self.start[rows + 1].astype(self.position.dtype)
+        hi = end.copy()
+        longest = int((end - lo).max()) if len(rows) else 0
+        last = max(len(self.terms) - 1, 0)
+        for _ in range(longest.bit_length()):  # ceil(log2(longest + 1)) halvings
+            mid = (lo + hi) >> 1
+            less = (self.terms[np.minimum(mid, last)] < terms) & (lo < hi)
+            lo = np.where(less, mid + 1, lo)
+            hi = np.where(less, hi, mid)
+        found = lo < end
+        found[found] = self.terms[lo[found]] == terms[found]
+        weight = np.zeros(len(terms))
+        weight[found] = data[self.position[lo[found]]]
+        return found, weight
 
 
 def _first_k_per_group(group: np.ndarray, k: int, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
