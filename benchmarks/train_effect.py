@@ -215,16 +215,22 @@ def negative_stats(dataset, qrels: dict[str, dict[str, int]], k: int) -> dict:
     return {"pairs": dataset.num_rows, "fn_rate": fn / max(total, 1), "mean_rank": float(np.mean(ranks)) if ranks else None}
 
 
-def train_columns(dataset, k: int):
+def train_columns(dataset, k: int, triplets: bool = False):
     """(query, positive, negative_1..k); with relabel, each extra positive of a pair is one more
-    (query, extra positive, same negatives) row: relabelled candidates are trained on as positives."""
+    (query, extra positive, same negatives) row: relabelled candidates are trained on as positives.
+    `triplets`: one (query, positive, negative) row per negative instead (GISTEmbedLoss takes one
+    negative per row; the no-duplicates sampler keeps a query's rows in different batches)."""
     columns = ["query", "positive", *[f"negative_{i + 1}" for i in range(k)]]
-    if "extra_positives" not in dataset.column_names or not any(dataset["extra_positives"]):
+    relabelled = "extra_positives" in dataset.column_names and any(dataset["extra_positives"])
+    if not relabelled and not (triplets and k > 1):
         return dataset.select_columns(columns)
     from datasets import Dataset
 
     rows = [{c: r[c] for c in columns} for r in dataset]
-    rows += [{**{c: r[c] for c in columns}, "positive": extra} for r in dataset for extra in r["extra_positives"] or []]
+    if relabelled:
+        rows += [{**{c: r[c] for c in columns}, "positive": extra} for r in dataset for extra in r["extra_positives"] or []]
+    if triplets and k > 1:
+        rows = [{"query": r["query"], "positive": r["positive"], "negative": r[f"negative_{i + 1}"]} for r in rows for i in range(k)]
     return Dataset.from_list(rows)
 
 
@@ -378,7 +384,7 @@ def run_unit(ctx: dict, fold: int, name: str, seed: int, recipe: dict) -> dict:
         stats = negative_stats(dataset, ctx["qrels"], k) if k else {"pairs": dataset.num_rows, "fn_rate": None, "mean_rank": None}
         train_key = unit_key(name, config.model_dump(mode="json"), {r: v for r, v in recipe.items() if r != "wise_alpha"},
                              seed, max_len, k)
-        model = fine_tuned(train_key, train_columns(dataset, k), recipe, seed, max_len)
+        model = fine_tuned(train_key, train_columns(dataset, k, triplets=recipe.get("loss") == "gist"), recipe, seed, max_len)
         scores, _ = evaluate(model, ctx["corpus"], test_queries, ctx["qrels"])
         return {"scores": scores, "stats": stats, "seconds": time.perf_counter() - started,
                 "config": {key: value for key, value in config.model_dump(mode="json").items()
