@@ -2,8 +2,8 @@
 
 Each model (more generally, each `MapStage.pool_key()`) gets ONE pool of Ray actors per run,
 started as soon as the runner knows the stage will be computed (while ingest runs) and shared by
-every stage with that key: queries and corpus are embedded by the same workers, which import
-torch and load the model once. (A Ray Data actor pool lives for one dataset execution, so two
+every stage with that key: queries and corpus are embedded by the same workers, which load the
+model once. (A Ray Data actor pool lives for one dataset execution, so two
 stages would start two pools; this is why map stages drive actors directly.)
 
 A local Ray (the default on one machine) starts in a background thread: Ray's own start takes
@@ -137,8 +137,8 @@ def _kill_autoscaler_monitor() -> None:
 
 
 def _stop_in_background(release: threading.Event, local: bool) -> None:
-    """Stop the local Ray in a thread: its processes take about a second to exit, which the
-    driver spends writing the output and the summary. The thread is not a daemon: the process
+    """Stop the local Ray in a thread: its processes take a moment to exit, which the driver
+    spends writing the output and the summary. The thread is not a daemon: the process
     does not exit before Ray has stopped. `release` lets the thread that started Ray end, only
     once Ray has stopped (ended earlier, Ray waits seconds on its lost connection)."""
 
