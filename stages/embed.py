@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from hardneg.stages.base import MapStage, Resources
-from hardneg.stages.engines.tokens import pad_features
+from hardneg.stages.engines.tokens import pad_features, padding_of
 from hardneg.stages.models import model_fingerprint, resolve_model
 
 # Bucket width in tokens: 8 pads ~1.6% over the real tokens of Cranfield's abstracts (16: 3.1%;
@@ -207,9 +207,7 @@ class TorchEncoder:
         tokenizer = model.tokenizer
         self.dim = model.get_embedding_dimension()
         self.max_seq_length = int(model.max_seq_length or tokenizer.model_max_length)
-        self.pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
-                           "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
-        self.left_padding = getattr(tokenizer, "padding_side", "right") == "left"
+        self.pad_values, self.left_padding = padding_of(tokenizer)
 
     def tokenize(self, texts: list[str], max_len: int) -> dict[str, list[list[int]]]:
         return dict(self.model.tokenizer(texts, truncation=True, max_length=max_len))

@@ -541,12 +541,11 @@ def _pu_probabilities(batch: pa.Table, model: PUModel) -> np.ndarray:
     return np.concatenate(parts + [np.zeros(0)]).astype(np.float64)
 
 
-def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, lexical: np.ndarray | None = None,
-                 models: dict[str, PUModel] | None = None, relabel: bool = False,
-                 skip_score: str | None = None) -> pa.Array:
+def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, models: dict[str, PUModel] | None = None,
+                 relabel: bool = False, skip_score: str | None = None) -> pa.Array:
     """`decide` for every row of a batch: a list<string> column, one decision per candidate.
-    `lexical`: the flat positive_lexical_scores (None: no lexical_duplicate filter can decide);
-    `skip_score` leaves out the filters reading that score, as in `decide`."""
+    `skip_score` leaves out the filters reading that score, as in `decide`; a lexical_duplicate
+    filter decides nothing in a batch without the lexical stage's column, as in `decide`."""
     view = BatchView.from_batch(batch)
     names = [KEPT]
     codes = np.zeros(len(view.ranks), dtype=np.int64)
@@ -555,9 +554,10 @@ def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, lexical: np.nd
             continue
         undecided = codes == 0
         if spec["type"] == "lexical_duplicate":
+            lexical = _list_column(batch, LEXICAL_COLUMN)
             if lexical is None:
                 continue
-            drop = _batch_above_percentile(lexical, view.group, batch.num_rows, spec["value"])
+            drop = _batch_above_percentile(_flat_floats(lexical, view.counts), view.group, batch.num_rows, spec["value"])
         elif spec["type"] == "pu":
             model = (models or {}).get(spec["name"])
             if model is None or model.model is None:
@@ -629,13 +629,9 @@ class FilterStage(MapStage):
     def transform(self, batch: pa.Table) -> pa.Table:
         self.ensure_setup()
         relabel = self.false_negatives == "relabel"
-        lexical = None
-        if any(spec["type"] == "lexical_duplicate" for spec in self.specs):
-            if LEXICAL_COLUMN not in batch.column_names:
-                raise ValueError(f"a lexical_duplicate filter needs the {LEXICAL_COLUMN} column (the lexical stage)")
-            counts = pc.list_value_length(_list_column(batch, "candidate_ids")).fill_null(0).to_numpy(zero_copy_only=False)
-            lexical = _flat_floats(_list_column(batch, LEXICAL_COLUMN), counts.astype(np.int64))
-        decisions = decide_batch(batch, self.specs, lexical=lexical, models=self._models, relabel=relabel)
+        if LEXICAL_COLUMN not in batch.column_names and any(spec["type"] == "lexical_duplicate" for spec in self.specs):
+            raise ValueError(f"a lexical_duplicate filter needs the {LEXICAL_COLUMN} column (the lexical stage)")
+        decisions = decide_batch(batch, self.specs, models=self._models, relabel=relabel)
         if "ce_scores" not in batch.column_names:
             n = batch.num_rows
             batch = batch.append_column("positive_ce_scores", pa.nulls(n, pa.list_(pa.float32())))

@@ -113,6 +113,15 @@ class VectorFile:
         return out[inverse.reshape(-1)]
 
 
+def lists_like(column: pa.Array, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """Flat per-element `values` as lists shaped like the list column `column` (one value per
+    element of each row), null where a value is NaN (not computed)."""
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.asarray(values).astype(value_type.to_pandas_dtype()),
+                                                      value_type, from_pandas=True))
+
+
 def count_rows(directory: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(directory))
 

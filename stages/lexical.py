@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from hardneg.stages.base import MapStage, Resources
 from hardneg.stages.filters import LEXICAL_COLUMN, _list_column
+from hardneg.stages.io import lists_like
 
 
 class PositiveLexicon:
@@ -108,8 +109,5 @@ class LexicalStage(MapStage):
         self._lexicon = PositiveLexicon(Path(self.bm25_dir), self.bm25_config, Path(self.corpus_dir), positives)
 
     def transform(self, batch: pa.Table) -> pa.Table:
-        scores = self._lexicon.batch_scores(batch)
-        ids = _list_column(batch, "candidate_ids")
-        offsets = pa.array(np.r_[0, np.cumsum(pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False))].astype(np.int32))
-        values = pa.array(scores, pa.float64(), from_pandas=True)  # NaN (no positive text) -> null
-        return batch.append_column(LEXICAL_COLUMN, pa.ListArray.from_arrays(offsets, values))
+        scores = self._lexicon.batch_scores(batch)  # NaN where no positive has a text: null
+        return batch.append_column(LEXICAL_COLUMN, lists_like(_list_column(batch, "candidate_ids"), scores, pa.float64()))

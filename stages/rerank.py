@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from hardneg.stages.base import MapStage, Resources
 from hardneg.stages.filters import KEPT, decide_batch
-from hardneg.stages.io import parquet_files
+from hardneg.stages.io import lists_like, parquet_files
 from hardneg.stages.models import model_fingerprint, resolve_model
 
 
@@ -129,14 +129,14 @@ class _Flat:
     """A list column of a batch, flat: each element's row and value, and lists rebuilt alike."""
 
     def __init__(self, column: pa.Array) -> None:
-        self.lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        self.group = np.repeat(np.arange(len(column), dtype=np.int64), self.lengths)
+        self.column = column
+        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.group = np.repeat(np.arange(len(column), dtype=np.int64), lengths)
         self.ids = pc.list_flatten(column).to_pylist()
 
     def lists(self, values: np.ndarray) -> pa.Array:
         """float32 lists aligned with this column, null where `values` is NaN (not scored)."""
-        offsets = pa.array(np.r_[0, np.cumsum(self.lengths)].astype(np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32), pa.float32(), from_pandas=True))
+        return lists_like(self.column, values, pa.float32())
 
 
 def _flat(batch: pa.Table, name: str) -> _Flat:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hardneg.stages.engines.tokens import pad_features
+from hardneg.stages.engines.tokens import pad_features, padding_of
 
 _FORMAT = 2  # 2: tokenizer and pooling kept beside the transformer (the standalone path)
 # Pooling modes computed here in numpy, as sentence-transformers' Pooling module computes them.
@@ -203,6 +203,7 @@ def _write_entry(model, folder: Path) -> None:
 
 def _describe(model, input_names: list[str]) -> dict:
     tokenizer = model.tokenizer
+    pad, left = padding_of(tokenizer)
     modules = list(model)
     pooling = None
     rest = [type(m).__name__ for m in modules[1:]]
@@ -214,9 +215,8 @@ def _describe(model, input_names: list[str]) -> dict:
         "inputs": input_names,
         "dim": int(model.get_embedding_dimension()),
         "max_seq_length": int(model.max_seq_length or tokenizer.model_max_length),
-        "pad": {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
-                "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0},
-        "padding_side": getattr(tokenizer, "padding_side", "right"),
+        "pad": pad,
+        "padding_side": "left" if left else "right",
         "truncation_side": getattr(tokenizer, "truncation_side", "right"),
         "pooling": pooling,
     }

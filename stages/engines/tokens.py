@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def padding_of(tokenizer) -> tuple[dict[str, int], bool]:
+    """A Hugging Face tokenizer's pad value of each feature, and whether it pads on the left."""
+    pad = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
+           "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
+    return pad, getattr(tokenizer, "padding_side", "right") == "left"
+
+
 def pad_features(encoded: dict[str, list[list[int]]], rows, length: int, pad_values: dict[str, int],
                  left: bool = False) -> dict[str, np.ndarray]:
     """What `tokenizer(texts, padding="max_length", max_length=length)` returns for these rows
