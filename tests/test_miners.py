@@ -68,7 +68,7 @@ def test_bm25_only_run_fills_bm25_provenance(small_beir, tmp_path):
 def test_hybrid_with_cross_encoder_keeps_every_source(small_beir, tmp_path, tiny_cross_encoder):
     out = tmp_path / "b"
     config = MineConfig(beir=small_beir, positives="best", miners=["dense", "bm25"], cross_encoder=str(tiny_cross_encoder),
-                        ce_max_length=128, out=out, runner="ray", num_negatives=4, range_max=20)
+                        ce_max_length=128, out=out, runner="ray", workers=1, num_negatives=4, range_max=20)
     result = run_mine(config, progress=False)
     ds = datasets.load_from_disk(str(out))
     assert ds.num_rows == 30

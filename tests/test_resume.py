@@ -94,7 +94,7 @@ def test_local_run_killed_at_each_stage_resumes_to_the_same_rows(small_beir, ref
 def test_ray_run_killed_while_embedding_resumes_to_the_same_rows(small_beir, reference, tmp_path):
     ref_out, _, _ = reference
     work, out = tmp_path / "work", tmp_path / "out"
-    cmd = mine_cmd(small_beir, out, work, "--runner", "ray")
+    cmd = mine_cmd(small_beir, out, work, "--runner", "ray", "--set", "workers=1")  # on Ray workers
     watcher = Watcher(work, [out])
     watcher.start()
     try:

@@ -12,6 +12,12 @@ the driver computes that stage's batches itself, in input order, as the in-proce
 (a batch's result does not depend on where it ran); then it hands the rest to the workers. On a
 cluster the driver only drives.
 
+Where a machine has room for only one worker of a stage (its CPUs over the stage's threads: every
+machine under 8 cores with the default `threads`), that worker would take the driver's place on
+the same cores after Ray and its own start had cost seconds of them: the driver computes the
+stage itself, and a run whose stages all fit that rule never starts Ray (as `datasets.map` with
+one process runs in-process). `workers: N` asks for N workers anyway.
+
 The driver reads the input a batch at a time, keeps a few batches in flight per worker, writes
 the results in input order (the same shards as the in-process runner, so the output does not
 depend on the runner) and counts finished rows for the progress bar. Ray restarts a dead actor
@@ -42,6 +48,14 @@ log = logging.getLogger("hardneg")
 MAX_RESTARTS = 8  # per model worker (actor)
 MAX_RETRIES = 8  # per batch
 IN_FLIGHT = 2  # batches queued per worker: the next one is there when the current one ends
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on: what a local Ray would count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _renice(nice: int) -> None:
@@ -218,6 +232,13 @@ class RayExecutor:
     def _logs_hint(self) -> str:
         return f"Ray's logs: {self.log_file}" if self.log_file else "Ray's logs: /tmp/ray/session_latest/logs"
 
+    def in_driver(self, stage: MapStage) -> bool:
+        """Whether a local run computes `stage` in the driver: no GPU to hand to a worker, no
+        worker count asked for, and room on this machine for only one worker of its threads."""
+        res = stage.resources
+        return (self._local and not res.num_gpus and res.max_workers is None
+                and local_cpus() // max(int(res.num_cpus), 1) <= 1)
+
     def _ensure_ray(self):
         """Ray, started (or joined) and ready: waits for a background start."""
         if self._starter is not None:
@@ -304,7 +325,11 @@ class RayExecutor:
     def prepare(self, stages: list[MapStage]) -> None:
         """Start the pools of the model stages this run will compute, before they are needed:
         their workers import torch and load the model while the driver ingests."""
-        model_stages = [s for s in stages if s.stateful]
+        model_stages = [s for s in stages if s.stateful and not self.in_driver(s)]
+        in_driver = [s.name for s in stages if s.stateful and self.in_driver(s)]
+        if in_driver:
+            log.info("ray: %s run here: %d CPUs hold one worker of their threads, no more "
+                     "(`--set workers=N` puts N on Ray)", ", ".join(in_driver), local_cpus())
         if not model_stages:
             return
         for stage in model_stages:
@@ -351,8 +376,10 @@ class RayExecutor:
         # with a stage that needs a GPU (the workers hold them).
         helping = self._local and not stage.resources.num_gpus
         total = count_rows(input_dir)
-        # One batch, and no workers of its pool started: they would start for nothing.
-        alone = helping and total <= stage.resources.batch_size and stage.pool_key() not in self._pools
+        # One batch, and no workers of its pool started: they would start for nothing. Or room
+        # for one worker only, which would replace the driver at the cost of its start.
+        alone = helping and (self.in_driver(stage) or (total <= stage.resources.batch_size
+                                                       and stage.pool_key() not in self._pools))
         workers, stage_ref = None, None
         pending: deque = deque()  # in input order: a worker's result ref, or a table made here
         with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:

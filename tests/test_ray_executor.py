@@ -1,0 +1,61 @@
+"""Where the Ray runner computes a stage on one machine: a local Ray starts workers only where
+the machine has room for more than one of them; with room for one, that worker would only take
+the driver's place after Ray's start had cost seconds of the same cores, so the driver computes
+the stage, and a run whose stages all fit that rule never starts Ray (yet writes the rows the
+in-process runner writes). `workers: N` asks for Ray workers anyway (tests/test_determinism.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hardneg.pipeline.executors.ray import RayExecutor, local_cpus
+from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.embed import default_threads
+from helpers import cranfield_subset
+from resilience import ROOT, env
+
+
+class ModelStage(MapStage):
+    name = "model_stage"
+    stateful = True
+
+    def __init__(self, **resources) -> None:
+        super().__init__()
+        self.resources = Resources(**resources)
+
+
+def test_room_for_one_worker_is_the_driver_and_a_worker_count_asked_for_is_kept():
+    cpus = local_cpus()
+    local = RayExecutor(progress=False)
+    assert local.in_driver(ModelStage(num_cpus=cpus))  # one worker would fill the machine
+    assert not local.in_driver(ModelStage(num_cpus=cpus, max_workers=1))  # `workers: 1` asked for
+    assert not local.in_driver(ModelStage(num_cpus=cpus, num_gpus=1.0))  # the worker holds the GPU
+    assert not RayExecutor(address="127.0.0.1:6379", progress=False).in_driver(ModelStage(num_cpus=cpus))
+    if cpus >= 2:
+        assert not local.in_driver(ModelStage(num_cpus=1))  # room for `cpus` workers of one thread
+
+
+@pytest.mark.slow
+def test_a_default_run_with_room_for_one_worker_never_starts_ray_and_writes_the_local_rows(tmp_path):
+    if local_cpus() // default_threads() > 1:
+        pytest.skip("this machine has room for several model workers: the default run uses Ray")
+    beir = cranfield_subset(tmp_path / "beir", n_queries=8, n_docs=40)
+    probe = (
+        "import sys, datasets, hardneg\n"
+        "rows = {}\n"
+        "for runner in ('ray', 'local'):\n"
+        f"    out = {str(tmp_path)!r} + '/out-' + runner\n"
+        f"    hardneg.mine(beir={str(beir)!r}, out=out, work_dir={str(tmp_path)!r} + '/work-' + runner, positives='best',\n"
+        "                 num_negatives=3, max_seq_length=32, runner=runner)\n"
+        "    rows[runner] = datasets.load_from_disk(out).to_list()\n"
+        "    if runner == 'ray':\n"
+        "        print('RAY_IMPORTED=' + str('ray' in sys.modules))\n"
+        "print('SAME=' + str(rows['ray'] == rows['local']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RAY_IMPORTED=False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "SAME=True" in proc.stdout, proc.stdout
