@@ -14,7 +14,8 @@ query with its best-graded document, only that positive masked (hardneg: --posit
 * the engine floor: hardneg's own embedding engine (`EmbedStage.encode`, OpenVINO where it is
   picked) on the same texts in this process: what is left of a cold run is the rest of the run;
 * hardneg cold: empty work dir, Ray start included (`hardneg mine` as a subprocess), with the
-  default runner (local Ray) and with `--runner local`, and their ratio;
+  default runner (local Ray) and with `--runner local`, and their ratio; and with Ray workers
+  asked for (`--set workers=1`: what Ray costs where the default would not start it);
 * hardneg warm: the same work dir, only a filter changed (relative_margin);
 * agreement: share of identical negatives per pair when hardneg runs sentence-transformers'
   settings (dense only, range_min=0, no false-negative filters, top sampling).
@@ -178,6 +179,12 @@ def main() -> None:
                   + ", ".join(f"{name} {info['seconds']:.1f}" for name, info in stages.items() if not info["reused"]))
         ray_s, local_s = (cold, cold_other) if opts.runner == "ray" else (cold_other, cold)
         print(f"default runner (ray) / --runner local, cold: {ray_s / local_s:.3f} (target <= 1.15)")
+        # What Ray costs where it does start workers (on a machine with room for one worker per
+        # model the default run computes in the driver and never starts Ray: RESULTS.md).
+        forced = hardneg([*base, "--runner", "ray", "--set", "workers=1", "--work-dir", str(work / "hn-work-forced"),
+                          "--out", str(work / "cold-forced")])
+        row("hardneg mine, cold, ray with workers=1", forced)
+        print(f"ray with workers=1 / --runner local, cold: {forced / local_s:.3f}")
         print(f"hardneg cold ({opts.runner}) / floor: {cold / floor:.3f} (target <= 1.3); "
               f"/ engine floor: {cold / engine_floor:.3f}; --runner local / floor: {local_s / floor:.3f}", flush=True)
         warm = hardneg([*common, "--out", str(work / "warm"), "--set", "relative_margin=0.05"])
