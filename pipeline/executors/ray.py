@@ -27,6 +27,7 @@ so a retry is safe.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -335,7 +336,9 @@ class RayExecutor:
         for stage in model_stages:
             self._users[stage.pool_key()] = self._users.get(stage.pool_key(), 0) + 1
         if self._local and self._starter is None:
-            self._start_in_background(model_stages)
+            # Copies, taken before any setup: the starter thread pickles them for the workers
+            # while the driver may be setting up (and mutating) the stage objects themselves.
+            self._start_in_background([copy.copy(s) for s in model_stages])
             return
         ray = self._ensure_ray()
         for stage in model_stages:
