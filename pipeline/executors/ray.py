@@ -326,8 +326,8 @@ class RayExecutor:
     def prepare(self, stages: list[MapStage]) -> None:
         """Start the pools of the model stages this run will compute, before they are needed:
         their workers import torch and load the model while the driver ingests."""
-        model_stages = [s for s in stages if s.stateful and not self.in_driver(s)]
         in_driver = [s.name for s in stages if s.stateful and self.in_driver(s)]
+        model_stages = [s for s in stages if s.stateful and s.name not in in_driver]
         if in_driver:
             log.info("ray: %s run here: %d CPUs hold one worker of their threads, no more "
                      "(`--set workers=N` puts N on Ray)", ", ".join(in_driver), local_cpus())
