@@ -28,6 +28,12 @@ Protocol (issue 13, item 5):
   queries' judgements. Training and evaluation both cap texts at `--max-seq-length` tokens
   (default 64; --quick: 32) to keep the CPU cost of one Cranfield unit (fine-tune + re-embed) near 2.5
   CPU-minutes; the base row is evaluated at the same cap.
+* **Validation (`--validate`).** A setting (a new default) is chosen without the test halves: each
+  fold's train half splits again (salt "train-effect-validate"); one part is mined and trained on,
+  the other scored, and each row is compared with `hardneg defaults`. The rule, fixed before any
+  validation run: `false_negatives: relabel` replaces `drop` as the default only if relabel -
+  defaults (nDCG@10, validation parts pooled over both folds) has its interval above zero on one of
+  Cranfield and CACM and not below zero on the other.
 * **Statistics.** Mean per row over test queries pooled across folds and seeds; a paired
   bootstrap (2000 resamples, seed 0) of each row's per-query difference to the base and to the best
   sentence-transformers row (the `st ...` row with the highest mean nDCG@10), 95% percentile interval.
@@ -138,9 +144,10 @@ def read_beir(beir: Path) -> tuple[dict[str, str], dict[str, str], dict[str, dic
     return corpus, queries, qrels
 
 
-def half_of(query_id: str) -> int:
-    """The stable split: first byte of sha256("train-effect:" + id), mod 2."""
-    return hashlib.sha256(f"train-effect:{query_id}".encode()).digest()[0] % 2
+def half_of(query_id: str, salt: str = "train-effect") -> int:
+    """The stable split: first byte of sha256("train-effect:" + id), mod 2. `--validate` splits a
+    train half again with another salt, so its two parts are independent of the first split."""
+    return hashlib.sha256(f"{salt}:{query_id}".encode()).digest()[0] % 2
 
 
 def fold_beir(beir: Path, qids: list[str], target: Path) -> Path:
@@ -485,6 +492,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--tune", action="store_true", help="recipe search: oracle vs base on fold 1 only")
     parser.add_argument("--tune-recipes", default=None, help="with --tune: comma-separated TUNE_RECIPES indices (default: all)")
+    parser.add_argument("--validate", action="store_true",
+                        help="choose between settings without the test halves: each fold's train half is split "
+                             "again, one part mined and trained on, the other scored")
     parser.add_argument("--report", action="store_true", help="print the table from the cached units only (compute nothing)")
     return parser.parse_args()
 
@@ -498,8 +508,16 @@ def context(opts: argparse.Namespace) -> dict:
     work = (opts.work_dir or Path(tempfile.gettempdir()) / f"train-effect-{opts.beir.resolve().name}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(str(opts.beir.resolve()).encode()).hexdigest()[:8]
+    folds = [(halves[0], halves[1]), (halves[1], halves[0])]
+    if opts.validate:
+        # Each fold's test half is left out entirely: its train half splits into a part to mine and
+        # train on and a part to score, so a setting chosen here never saw the queries it is tested on.
+        folds = [tuple([q for q in train if half_of(q, "train-effect-validate") == h] for h in (0, 1)) for train, _ in folds]
+        if min(len(part) for fold in folds for part in fold) < 2:
+            fail(f"{opts.beir}: too few judged queries to split each train half in two")
+        tag += "-validate"
     return {"beir": opts.beir.resolve(), "corpus": corpus, "queries": queries, "qrels": qrels, "work": work,
-            "tag": tag, "max_len": opts.max_seq_length or (32 if opts.quick else 64), "folds": [(halves[0], halves[1]), (halves[1], halves[0])]}
+            "tag": tag, "max_len": opts.max_seq_length or (32 if opts.quick else 64), "folds": folds}
 
 
 def run_rows(ctx: dict, names: list[str], folds: int, seeds: list[int], recipe: dict) -> dict:
@@ -541,7 +559,8 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         fail(f"unknown rows {unknown}; known: {list(ROWS)}")
-    print(f"{opts.beir}: {len(ctx['qrels'])} judged queries, halves of {len(ctx['folds'][0][0])} and "
+    split = "validation on the train halves: parts" if opts.validate else "halves"
+    print(f"{opts.beir}: {len(ctx['qrels'])} judged queries, {split} of {len(ctx['folds'][0][0])} and "
           f"{len(ctx['folds'][0][1])}; {len(ctx['corpus'])} documents; max_seq_length {ctx['max_len']}; "
           f"{os.cpu_count()} CPU cores, bf16 {'on' if cpu_has_bf16() else 'off'}", flush=True)
     if opts.tune:
@@ -556,6 +575,11 @@ def main() -> None:
     units = run_rows(ctx, names, folds, seeds, recipe)
     summary = summarise(units, seeds)
     print_table(summary)
+    if opts.validate and "hardneg defaults" in units:
+        table = pooled(units, seeds)
+        for name in units:
+            if name not in ("base", "hardneg defaults"):
+                print(f"{name} - hardneg defaults, nDCG@10 [95%]: {fmt_ci(paired_ci(table[name], table['hardneg defaults'], 0))}")
     if opts.json:
         summary.update(recipe=recipe, folds=folds, seeds=seeds, max_seq_length=ctx["max_len"], beir=str(opts.beir))
         opts.json.write_text(json.dumps(summary, indent=1))
