@@ -9,6 +9,7 @@ The runners in `pipeline/` execute both kinds, in-process or on Ray; stages neve
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ import pyarrow as pa
 
 # An input that cannot be used at all (not a bad row: those are rejects); one line, exit 2.
 from hardneg.pipeline.errors import InputError  # noqa: E402,F401 - re-exported
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as a local Ray counts them, not the host's
+    cores): the one count both the default thread count and the Ray executor's placement use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass

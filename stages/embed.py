@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.base import MapStage, Resources, local_cpus
 from hardneg.stages.engines.tokens import pad_features, padding_of
 from hardneg.stages.models import model_fingerprint, resolve_model
 
@@ -229,4 +229,4 @@ def _autocast(torch, precision: str, device: str):
 
 
 def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, local_cpus()))

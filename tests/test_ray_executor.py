@@ -7,12 +7,13 @@ in-process runner writes). `workers: N` asks for Ray workers anyway (tests/test_
 from __future__ import annotations
 
 import subprocess
+import os
 import sys
 
 import pytest
 
-from hardneg.pipeline.executors.ray import RayExecutor, local_cpus
-from hardneg.stages.base import MapStage, Resources
+from hardneg.pipeline.executors.ray import RayExecutor
+from hardneg.stages.base import MapStage, Resources, local_cpus
 from hardneg.stages.embed import default_threads
 from helpers import cranfield_subset
 from resilience import ROOT, env
@@ -36,6 +37,22 @@ def test_room_for_one_worker_is_the_driver_and_a_worker_count_asked_for_is_kept(
     assert not RayExecutor(address="127.0.0.1:6379", progress=False).in_driver(ModelStage(num_cpus=cpus))
     if cpus >= 2:
         assert not local.in_driver(ModelStage(num_cpus=1))  # room for `cpus` workers of one thread
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_threads_and_placement_count_the_cpus_this_process_may_use():
+    """A process pinned to fewer CPUs than the host has (taskset, a container's cpuset) sizes its
+    threads and its Ray placement by the CPUs it may use, one count for both."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert local_cpus() == 1
+        assert default_threads() == 1
+        assert RayExecutor(progress=False).in_driver(ModelStage(num_cpus=default_threads()))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert local_cpus() == len(allowed)
+    assert default_threads() == min(4, len(allowed))
 
 
 @pytest.mark.slow

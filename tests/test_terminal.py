@@ -95,7 +95,7 @@ def test_quick_start_prints_a_short_clean_terminal(quickstart):
     for stage in LONG_STAGES:
         # ... and, while a long stage runs, its bar: percent, rows done of all, rows/s, ETA.
         assert re.search(rf"{stage}\s+\d+%\|[^|]*\| \d+/\d+ rows \[[0-9:]+<[0-9:?]+, [0-9.?]+ rows/s\]", text), (stage, text)
-    from hardneg.pipeline.executors.ray import local_cpus
+    from hardneg.stages.base import local_cpus
     from hardneg.stages.embed import default_threads
 
     if local_cpus() // default_threads() > 1:

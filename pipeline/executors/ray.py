@@ -40,7 +40,7 @@ import pyarrow as pa
 from hardneg.pipeline.errors import WorkerError
 from hardneg.pipeline.executors import batch_delay_for_tests
 from hardneg.pipeline.progress import progress_bar
-from hardneg.stages.base import MapStage
+from hardneg.stages.base import MapStage, local_cpus
 from hardneg.stages.io import ShardWriter, count_rows, iter_batches
 
 log = logging.getLogger("hardneg")
@@ -49,14 +49,6 @@ log = logging.getLogger("hardneg")
 MAX_RESTARTS = 8  # per model worker (actor)
 MAX_RETRIES = 8  # per batch
 IN_FLIGHT = 2  # batches queued per worker: the next one is there when the current one ends
-
-
-def local_cpus() -> int:
-    """The CPUs this process may run on: what a local Ray would count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _renice(nice: int) -> None:
