@@ -28,6 +28,22 @@ def test_half_split_is_stable_and_balanced() -> None:
     assert [train_effect.half_of(q) for q in ("1", "2", "3", "4", "5", "6", "7", "8")] == [1, 1, 1, 0, 1, 1, 0, 0]
 
 
+def test_validate_splits_each_train_half_and_never_scores_a_test_query(tmp_path: Path) -> None:
+    import argparse
+
+    import train_effect
+
+    def folds(validate: bool):
+        opts = argparse.Namespace(beir=ROOT / "examples" / "cranfield", work_dir=tmp_path, quick=False,
+                                  max_seq_length=None, validate=validate)
+        return train_effect.context(opts)["folds"]
+
+    for (train, test), (fit, scored) in zip(folds(False), folds(True)):
+        assert set(fit) | set(scored) == set(train) and not set(fit) & set(scored)
+        assert not (set(fit) | set(scored)) & set(test)  # the fold's test half is left out
+        assert min(len(fit), len(scored)) > len(train) / 4
+
+
 def test_paired_bootstrap_interval_covers_a_known_shift() -> None:
     import train_effect
 
