@@ -111,6 +111,8 @@ ROWS: dict[str, dict | str | None] = {
     # relabel acts on a pu filter's confident candidates: benchmarks/configs/relabel.yaml (pu, then
     # the default filters); its extra positives become extra training pairs (train_columns).
     "hardneg relabel": _config_file("relabel.yaml"),
+    # relabel with the defaults' negatives: pu drops only what it relabels (relabel_keep.yaml).
+    "hardneg relabel keep": _config_file("relabel_keep.yaml"),
     "hardneg softmax": {"sampling_strategy": "softmax"},
     "hardneg window 5-50": {"range_min": 5, "range_max": 50, "sampling_strategy": "random"},
 }
