@@ -147,8 +147,8 @@ def read_beir(beir: Path) -> tuple[dict[str, str], dict[str, str], dict[str, dic
 
 
 def half_of(query_id: str, salt: str = "train-effect") -> int:
-    """The stable split: first byte of sha256("train-effect:" + id), mod 2. `--validate` splits a
-    train half again with another salt, so its two parts are independent of the first split."""
+    """The stable split: first byte of sha256(salt + ":" + id), mod 2. `--validate` splits a train
+    half again with another salt, so its two parts are independent of the first split."""
     return hashlib.sha256(f"{salt}:{query_id}".encode()).digest()[0] % 2
 
 

@@ -14,7 +14,6 @@ embeds without importing torch once the model is converted.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from typing import Any
 

@@ -6,8 +6,8 @@ in-process runner writes). `workers: N` asks for Ray workers anyway (tests/test_
 
 from __future__ import annotations
 
-import subprocess
 import os
+import subprocess
 import sys
 
 import pytest
