@@ -33,7 +33,8 @@ Protocol (issue 13, item 5):
   the other scored, and each row is compared with `hardneg defaults`. The rule, fixed before any
   validation run: `false_negatives: relabel` replaces `drop` as the default only if relabel -
   defaults (nDCG@10, validation parts pooled over both folds) has its interval above zero on one of
-  Cranfield and CACM and not below zero on the other.
+  Cranfield and CACM and not below zero on the other. The same rule, written here before its run,
+  decides `hardneg relabel keep` (relabel_keep.yaml: the defaults' negatives plus extra positives).
 * **Statistics.** Mean per row over test queries pooled across folds and seeds; a paired
   bootstrap (2000 resamples, seed 0) of each row's per-query difference to the base and to the best
   sentence-transformers row (the `st ...` row with the highest mean nDCG@10), 95% percentile interval.
