@@ -71,6 +71,33 @@ def test_wise_ft_interpolation_is_the_weighted_mean_of_base_and_fine_tuned() -> 
     assert train_effect.interpolate_with_base(untouched, 1.0, 32) is untouched  # alpha 1: the plain fine-tune
 
 
+def test_in_batch_guide_never_masks_a_rows_own_mined_negative() -> None:
+    """The gist_inbatch loss is GISTEmbedLoss's value when the guide masks no row's own negative,
+    and keeps a mined negative that GISTEmbedLoss would mask (one the guide scores above the
+    positive): only in-batch negatives are filtered by the guide."""
+    import torch
+    import train_effect
+    from sentence_transformers.sentence_transformer import losses
+
+    model, guide = train_effect.base_model(32), train_effect.base_model(32)
+    gist = losses.GISTEmbedLoss(model, guide, temperature=0.05)
+    inbatch = train_effect.guided_in_batch_loss()(model, guide, temperature=0.05)
+
+    def value(loss, queries, positives, negatives):
+        features = [model.tokenize(texts) for texts in (queries, positives, negatives)]
+        with torch.no_grad():
+            return float(loss(features, None))
+
+    queries = ["supersonic flow over a wedge", "heat transfer in a boundary layer"]
+    positives = ["oblique shock waves on wedges at supersonic speed", "boundary layer heat transfer rates"]
+    unrelated = ["the price of grain in medieval markets", "a recipe for lemon cake"]
+    assert value(inbatch, queries, positives, unrelated) == pytest.approx(value(gist, queries, positives, unrelated), rel=1e-6)
+    # Each row's mined negative is its own query text: the guide scores it above the positive.
+    echoes = list(queries)
+    kept, masked = value(inbatch, queries, positives, echoes), value(gist, queries, positives, echoes)
+    assert kept > masked + 0.5  # the own negative scored far above the positive now counts
+
+
 @pytest.mark.slow
 def test_quick_prints_finite_table_with_expected_rows(warm_work_dir: Path, tmp_path: Path) -> None:
     summary_file = tmp_path / "summary.json"
