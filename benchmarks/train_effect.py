@@ -18,7 +18,7 @@ Protocol (issue 13, item 5):
   (query, positive, negative_1..k), with MultipleNegativesRankingLoss whose in-batch negatives a
   frozen copy of the base model scores above the positive are masked (in a one-topic collection
   another query's positive is often relevant), while each pair's own mined negatives always count
-  (`guided_in_batch_loss`; plain `GISTEmbedLoss` would mask those too, a false-negative filter of
+  (examples/_recipe_losses.py; plain `GISTEmbedLoss` would mask those too, a false-negative filter of
   its own that hides what the miner's false negatives cost) — recipe key "loss"; optional WiSE-FT
   weight interpolation with the base ("wise_alpha"). bf16 only where the CPU has avx512_bf16 or
   AMX, fp32 otherwise. The recipe (RECIPE below) was chosen by `--tune`, which trains only the
@@ -66,6 +66,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "examples"))
 
 import numpy as np  # noqa: E402
 
@@ -280,56 +281,19 @@ def training_loss(model, recipe: dict, max_len: int):
     of the base model: an in-batch negative the guide scores above the pair's positive is masked,
     since in a small domain another query's positive is often relevant to this one too. Its
     temperature is MNRL's (scale 20 = 0.05), so masking is the only difference. "gist_inbatch":
-    the same, but a pair's own mined negative is never masked (`guided_in_batch_loss`)."""
+    the same, but a pair's own mined negative is never masked (examples/_recipe_losses.py)."""
     from sentence_transformers.sentence_transformer import losses
 
     loss = recipe.get("loss", "mnrl")
     if loss in ("gist", "gist_inbatch"):
         guide = base_model(max_len)
         guide.requires_grad_(False)
-        make = losses.GISTEmbedLoss if loss == "gist" else guided_in_batch_loss()
-        return make(model, guide, temperature=0.05)
+        if loss == "gist":
+            return losses.GISTEmbedLoss(model, guide, temperature=0.05)
+        from _recipe_losses import guided_in_batch_loss  # examples/: the recipe users train with
+
+        return guided_in_batch_loss(model, guide, temperature=0.05)
     return losses.MultipleNegativesRankingLoss(model)
-
-
-def guided_in_batch_loss():
-    """GISTEmbedLoss whose guide masks the in-batch negatives only. GISTEmbedLoss also masks a row's
-    own mined negative when the guide scores it above the positive: with the base model as the
-    guide that is a false-negative filter of its own, applied to every negative set alike, so the
-    benchmark could not see what the miner's false negatives cost. Here the mined negative is
-    always contrasted, as MultipleNegativesRankingLoss does; everything else is GISTEmbedLoss's
-    (anchor-positive, anchor-anchor, positive-positive and other rows' negatives, guide-masked).
-    Single process, same tokenizer for the guide (no gather, no re-tokenizing)."""
-    import torch
-    from sentence_transformers.base.losses.merged_forward import embed_columns
-    from sentence_transformers.sentence_transformer import losses
-
-    class GuidedInBatchLoss(losses.GISTEmbedLoss):
-        def forward(self, sentence_features, labels):
-            features = list(sentence_features)
-            guide_features = [dict(f) for f in features]  # the guide writes into what it is given
-            anchor, positive, negative = embed_columns(self.model, features)
-            with torch.no_grad():
-                g_anchor, g_positive, g_negative = embed_columns(self.guide, guide_features)
-            rows = torch.arange(anchor.size(0), device=anchor.device)
-            threshold = self.sim_matrix(g_anchor, g_positive).diagonal().view(-1, 1)
-
-            def masked(a, b, g_a, g_b, keep_diagonal: bool):
-                sim = self.sim_matrix(a, b)
-                mask = self.sim_matrix(g_a, g_b) > threshold
-                mask[rows, rows] = False
-                sim[mask] = -torch.inf
-                if not keep_diagonal:  # no self-negative
-                    sim[rows, rows] = -torch.inf
-                return sim
-
-            scores = torch.cat([masked(anchor, positive, g_anchor, g_positive, True),
-                                masked(anchor, anchor, g_anchor, g_anchor, False),
-                                masked(positive, positive, g_positive, g_positive, False),
-                                masked(anchor, negative, g_anchor, g_negative, True)], dim=1) / self.temperature
-            return self.cross_entropy_loss(scores, rows)
-
-    return GuidedInBatchLoss
 
 
 def train(dataset, recipe: dict, seed: int, max_len: int):

@@ -3,11 +3,16 @@
     hardneg mine --beir examples/cranfield --out out/cranfield --positives best --num-negatives 5
     python examples/train_bi_encoder.py out/cranfield --output-dir models/bi-encoder
     python examples/train_bi_encoder.py out/cranfield --loss cached-mnrl --batch-size 256 --mini-batch-size 32
+    python examples/train_bi_encoder.py out/cranfield --loss guided-mnrl --batch-size 16
 
 The output's `n-tuple` rows (query, positive, negative_1 ... negative_K; `triplet` works too)
 feed MultipleNegativesRankingLoss: each query is scored against its positive, its K hard
 negatives and every other text of the batch. `--loss cached-mnrl` is its GradCache variant
-(CachedMultipleNegativesRankingLoss), whose batch size is bounded by time, not memory. The
+(CachedMultipleNegativesRankingLoss), whose batch size is bounded by time, not memory.
+`--loss guided-mnrl` is for a one-topic collection, where another query's positive in the batch is
+often relevant to this query too: a frozen copy of the starting model masks the in-batch texts it
+scores above the pair's positive, while the pair's own mined negatives always count
+(_recipe_losses.py; the recipe hardneg's training benchmark uses). The
 NO_DUPLICATES sampler keeps a text from appearing twice in a batch, where it would be an in-batch
 "negative" of itself (common with `--positives all`, one row per judged positive).
 """
@@ -21,13 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _recipe_data import default_model, training_rows  # noqa: E402
+from _recipe_losses import guided_in_batch_loss  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="a folder `hardneg mine` wrote (n-tuple or triplet format)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="bi-encoder to fine-tune: local path or hub id")
-    parser.add_argument("--loss", choices=["mnrl", "cached-mnrl"], default="mnrl")
+    parser.add_argument("--loss", choices=["mnrl", "cached-mnrl", "guided-mnrl"], default="mnrl")
     parser.add_argument("--output-dir", default="models/bi-encoder")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -48,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     model = SentenceTransformer(default_model(args.model))
     if args.loss == "mnrl":
         loss = MultipleNegativesRankingLoss(model)
+    elif args.loss == "guided-mnrl":
+        guide = SentenceTransformer(default_model(args.model))
+        guide.requires_grad_(False)
+        loss = guided_in_batch_loss(model, guide)
     else:
         loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size)
     training_args = SentenceTransformerTrainingArguments(

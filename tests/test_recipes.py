@@ -52,7 +52,7 @@ def run_recipe(script: str, *args: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["mnrl", "cached-mnrl"])
+@pytest.mark.parametrize("loss", ["mnrl", "cached-mnrl", "guided-mnrl"])
 def test_bi_encoder_recipe_trains_on_n_tuple(mined, tmp_path, loss):
     from sentence_transformers import SentenceTransformer
 

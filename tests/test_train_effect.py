@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(1, str(ROOT / "examples"))
 
 
 def test_half_split_is_stable_and_balanced() -> None:
@@ -81,10 +82,13 @@ def test_in_batch_guide_never_masks_a_rows_own_mined_negative() -> None:
 
     model, guide = train_effect.base_model(32), train_effect.base_model(32)
     gist = losses.GISTEmbedLoss(model, guide, temperature=0.05)
-    inbatch = train_effect.guided_in_batch_loss()(model, guide, temperature=0.05)
+    from _recipe_losses import guided_in_batch_loss
+
+    inbatch = guided_in_batch_loss(model, guide, temperature=0.05)
 
     def value(loss, queries, positives, negatives):
-        features = [model.tokenize(texts) for texts in (queries, positives, negatives)]
+        encode = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers 6 renamed tokenize
+        features = [encode(texts) for texts in (queries, positives, negatives)]
         with torch.no_grad():
             return float(loss(features, None))
 
