@@ -40,6 +40,7 @@ Protocol (issue 13, item 5):
   defaults (nDCG@10, validation parts pooled over both folds) has its interval above zero on one of
   Cranfield and CACM and not below zero on the other. The same rule, written here before its run,
   decides `hardneg relabel keep` (relabel_keep.yaml: the defaults' negatives plus extra positives).
+  It ran under recipe 12 (drop stayed); it runs again under the frozen recipe 13, the same rule.
 * **Statistics.** Mean per row over test queries pooled across folds and seeds; a paired
   bootstrap (2000 resamples, seed 0) of each row's per-query difference to the base and to the best
   sentence-transformers row (the `st ...` row with the highest mean nDCG@10), 95% percentile interval.
