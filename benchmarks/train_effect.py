@@ -40,7 +40,7 @@ Protocol (issue 13, item 5):
   defaults (nDCG@10, validation parts pooled over both folds) has its interval above zero on one of
   Cranfield and CACM and not below zero on the other. The same rule, written here before its run,
   decides `hardneg relabel keep` (relabel_keep.yaml: the defaults' negatives plus extra positives).
-  It ran under recipe 12 (drop stayed); it runs again under the frozen recipe 13, the same rule.
+  It ran under recipe 12 and again under the frozen recipe 13: drop stayed under both (RESULTS.md).
 * **Statistics.** Mean per row over test queries pooled across folds and seeds; a paired
   bootstrap (2000 resamples, seed 0) of each row's per-query difference to the base and to the best
   sentence-transformers row (the `st ...` row with the highest mean nDCG@10), 95% percentile interval.
@@ -79,8 +79,9 @@ import numpy as np  # noqa: E402
 RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 5, "warmup_ratio": 0.1, "loss": "gist_inbatch",
           "max_steps": -1}
 # What --tune compares: the oracle against the base on fold 1 only. Keys beyond the first five:
-# "wise_alpha" (WiSE-FT weight interpolation with the base; 1 = none) and "loss" ("mnrl" or
-# "gist": in-batch negatives the frozen base model scores above the positive are masked).
+# "wise_alpha" (WiSE-FT weight interpolation with the base; 1 = none) and "loss" ("mnrl";
+# "gist": candidates the frozen base model scores above the positive are masked; "gist_inbatch":
+# the same for in-batch negatives only, a pair's own mined negatives always count).
 _GENTLE = {"epochs": 1, "lr": 2e-5, "batch_size": 16, "num_negatives": 1, "warmup_ratio": 0.1}
 _STRONG = {**_GENTLE, "epochs": 2, "lr": 5e-5}
 _GIST = {**_GENTLE, "loss": "gist"}
@@ -100,7 +101,7 @@ TUNE_RECIPES = [  # every entry of the search in RESULTS.md, in the order it ran
     {**_GIST, "num_negatives": 5},
     # Recipe 12 with the guide masking in-batch negatives only: GISTEmbedLoss also masks a pair's
     # own mined negative when the base model scores it above the positive, a false-negative
-    # filter of its own that makes every negative set look alike (fifth session; GuidedInBatchLoss).
+    # filter of its own that makes every negative set look alike (fifth session; examples/_recipe_losses.py).
     {**_GIST, "num_negatives": 5, "loss": "gist_inbatch"},
 ]
 

@@ -78,12 +78,11 @@ def test_in_batch_guide_never_masks_a_rows_own_mined_negative() -> None:
     positive): only in-batch negatives are filtered by the guide."""
     import torch
     import train_effect
+    from _recipe_losses import guided_in_batch_loss
     from sentence_transformers.sentence_transformer import losses
 
     model, guide = train_effect.base_model(32), train_effect.base_model(32)
     gist = losses.GISTEmbedLoss(model, guide, temperature=0.05)
-    from _recipe_losses import guided_in_batch_loss
-
     inbatch = guided_in_batch_loss(model, guide, temperature=0.05)
 
     def value(loss, queries, positives, negatives):
