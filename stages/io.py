@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import mmap
+import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,17 +68,20 @@ class VectorFile:
     so scattered lookups over a run leave the whole file resident: 1.5 GB for a million 384-d
     vectors. Here rows are gathered a block at a time and the block's pages are released right
     after, so a process holds the rows it asked for and little else; repeated reads come from the
-    kernel's page cache."""
+    kernel's page cache. Scattered rows (`take`) are read with pread(2) from compiled code where
+    numba is installed: the same bytes, no page mapped at all."""
 
     BLOCK = 1024  # rows gathered between two releases: at most ~64 MB of mapped pages
 
     def __init__(self, path: Path) -> None:
+        self._path = Path(path)
         self._matrix = np.load(path, mmap_mode="r", allow_pickle=False)
         if self._matrix.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D matrix, got shape {self._matrix.shape}")
         self.shape = self._matrix.shape
         self._row_bytes = self.shape[1] * self._matrix.dtype.itemsize
         self._base = self._matrix.offset  # where row 0 starts in the file
+        self._fd: int | None = None  # opened on the first compiled gather (`take`)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -104,13 +110,47 @@ class VectorFile:
         if len(unique) and (unique[0] < 0 or unique[-1] >= self.shape[0]):
             raise IndexError(f"row out of range 0..{self.shape[0] - 1}")
         out = np.empty((len(unique), self.shape[1]), dtype=self._matrix.dtype)
-        for b0 in range(0, len(unique), self.BLOCK):
-            block = unique[b0:b0 + self.BLOCK]
-            out[b0:b0 + len(block)] = self._matrix[block]
-            self._release(int(block[0]), int(block[-1]) + 1)
+        gather = _pread_rows() if self._matrix.flags.c_contiguous and len(unique) and self._row_bytes else None
+        if gather is not None:
+            # One pread per row in compiled code: a copy out of the page cache, no page mapped
+            # (nothing to release, no fault-around), about 2x faster than the mapped gather.
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDONLY)
+                weakref.finalize(self, os.close, self._fd)
+            done = gather(self._fd, self._base, self._row_bytes, unique, out.reshape(len(unique), -1).view(np.uint8))
+            if done != len(unique):
+                raise OSError(f"{self._path}: short read at row {int(unique[done])}")
+        else:
+            for b0 in range(0, len(unique), self.BLOCK):
+                block = unique[b0:b0 + self.BLOCK]
+                out[b0:b0 + len(block)] = self._matrix[block]
+                self._release(int(block[0]), int(block[-1]) + 1)
         if len(unique) == len(rows) and (len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())):
             return out  # already sorted and distinct: the gather below would only copy
         return out[inverse.reshape(-1)]
+
+
+@functools.lru_cache(maxsize=1)
+def _pread_rows():
+    """A compiled loop of pread(2) calls, one per row, or None without numba (the memory-mapped
+    gather is used then). Compiled on first use: numba is imported only by the stages that read
+    scattered vectors."""
+    try:
+        import numba
+        from numba import types
+    except ImportError:
+        return None
+    pread = types.ExternalFunction("pread", types.intp(types.intc, types.voidptr, types.uintp, types.int64))
+
+    @numba.njit(nogil=True, cache=True)
+    def gather(fd, base, row_bytes, rows, out):
+        # out: (len(rows), row_bytes) bytes; returns how many rows were read in full.
+        for i in range(rows.shape[0]):
+            if pread(fd, out[i].ctypes.data, row_bytes, base + rows[i] * row_bytes) != row_bytes:
+                return i
+        return rows.shape[0]
+
+    return gather
 
 
 def lists_like(column: pa.Array, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

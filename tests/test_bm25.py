@@ -249,3 +249,43 @@ def test_sparse_retrieval_with_non_positive_weights(monkeypatch):
     scores = idx.score_rows(tokens, q, rows)
     for i, text in enumerate(queries):
         assert scores[q == i].tolist() == idx.score(text, ids)
+
+
+def test_numba_kernels_equal_the_numpy_code(cranfield, monkeypatch):
+    """The numba kernels of search_rows / score_rows give the numpy code's rows and float64 scores
+    bit for bit, in the same order: on Cranfield with duplicated documents (exact ties, cut at the
+    k-th score) and short ones, queries with repeated terms, one group or many over threads, some
+    queries dense; score_rows against both numpy paths (whole-corpus scores, sparse gather)."""
+    import hardneg.stages.engines.bm25 as bm25_engine
+
+    if bm25_engine.numba is None:
+        pytest.skip("numba is not installed")
+    doc_ids, texts, queries = cranfield
+    dups = list(range(0, len(texts), 3))
+    idx = BM25Index.build(doc_ids + [f"{doc_ids[i]}x" for i in dups] + [f"s{i}" for i in range(40)],
+                          texts + [texts[i] for i in dups] + ["flow pressure"[: 4 + i % 10] for i in range(40)],
+                          BM25Config())
+    queries = queries + [f"{q} {q}" for q in queries[:50]] + ["flow flow flow", "flow pressure flow", "zzzz", ""]
+    tokens = idx.prepare(queries)
+
+    def both(call):
+        out = {}
+        for use in (False, True):
+            monkeypatch.setattr(bm25_engine, "USE_NUMBA", use)
+            out[use] = call()
+        return out[False], out[True]
+
+    for k in (1, 5, 60, 5000):
+        for budget, share, threads in [(bm25_engine.POSTINGS_BUDGET, bm25_engine.DENSE_SHARE, 1), (2000, 1, 2)]:
+            monkeypatch.setattr(bm25_engine, "POSTINGS_BUDGET", budget)
+            monkeypatch.setattr(bm25_engine, "DENSE_SHARE", share)
+            old, new = both(lambda: idx.search_rows(tokens, k, n_threads=threads))
+            assert len(old[0]) and all(np.array_equal(a, b) for a, b in zip(old, new)), (k, budget, share)
+            assert [a.dtype for a in old] == [b.dtype for b in new]
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.integers(0, len(queries), 5000))
+    rows = rng.integers(0, len(idx.doc_ids), 5000)
+    for cells in (bm25_engine.DENSE_SCORE_CELLS, 0):
+        monkeypatch.setattr(bm25_engine, "DENSE_SCORE_CELLS", cells)
+        old, new = both(lambda: idx.score_rows(tokens, q, rows))
+        assert (old > 0).any() and np.array_equal(old, new) and new.dtype == np.float64, cells

@@ -272,9 +272,15 @@ def _mapped_kib(path: Path) -> int:
     return total
 
 
-def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path):
+@pytest.mark.parametrize("gather", ["pread", "mapped"])
+def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path, monkeypatch, gather):
+    from hardneg.stages import io
     from hardneg.stages.io import VectorFile
 
+    if gather == "mapped":  # the fallback without numba
+        monkeypatch.setattr(io, "_pread_rows", lambda: None)
+    else:
+        assert io._pread_rows() is not None  # numba is a dependency: the compiled gather runs
     path = tmp_path / "vectors.npy"
     matrix = np.random.default_rng(0).standard_normal((100_000, 96)).astype(np.float32)  # 37 MiB
     np.save(path, matrix)

@@ -48,8 +48,8 @@ Top-k selection, and why not ``bm25s.BM25.retrieve``
 descending and then doc id ascending (Python string order). Both engines share
 one selection step: take the docs with score > 0, ``argpartition`` among those
 only, keep the whole tie group at the k-th score, and sort by (-score, doc-id rank).
-We do not use bm25s's ``retrieve``. With the numpy backend (numba and jax are
-not dependencies) its top-k is ``np.argpartition`` over the full length-N score
+We do not use bm25s's ``retrieve``. With the numpy backend (the one our indexes
+are built and saved with) its top-k is ``np.argpartition`` over the full length-N score
 vector. That is slow on the mostly-zero vectors of a large corpus of short
 documents. On 1M 12-word documents we measured 5 queries/s through ``retrieve``
 and 120 queries/s with this selection, with identical results. ``retrieve`` also
@@ -57,6 +57,9 @@ picks arbitrarily among docs tied at the k-th score, so it is not deterministic.
 Memory stays bounded: queries are tokenised and scored ``batch_size`` at a time,
 and only one length-N score vector per worker thread exists at any moment.
 No query x corpus matrix is ever built.
+``search_rows`` and ``score_rows`` run numba kernels (``USE_NUMBA``) that do the same
+float64 additions in the same order and the same selection as their numpy code,
+which stays as the fallback without numba: the outputs are bit-identical.
 
 Both engines share ONE tokenisation (:func:`tokenize`), applied before indexing, so
 they see identical tokens. Nothing is pickled: indexes are saved as JSON, .npy
@@ -84,6 +87,11 @@ from rank_bm25 import BM25Okapi
 
 from hardneg.stages.base import GlobalStage, InputError
 
+try:  # compiled kernels for search_rows / score_rows; without numba the numpy code runs instead
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency, the fallback keeps the package working
+    numba = None
+
 # A user error (one line, exit 2), not a crash: BM25 has nothing to index.
 _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or the score a filter reads) "
               "cannot index it; drop bm25 from miners and filters")
@@ -95,6 +103,8 @@ POSTINGS_BUDGET = 1 << 23  # postings per group of queries in search_rows (the u
 DENSE_SHARE = 4  # a query whose postings exceed 1/DENSE_SHARE of the corpus is scored densely
 _FORMAT = "hardneg-bm25"
 _FORMAT_VERSION = 1
+# The numba kernels (bit-identical to the numpy code); False forces the numpy code (tests compare them).
+USE_NUMBA = numba is not None
 
 
 class BM25Config(BaseModel):
@@ -396,7 +406,15 @@ class BM25Index:
             load += size
         groups.append((start, len(token_ids)))
 
+        if USE_NUMBA:
+            # The kernel reads the queries' terms as one flat array with offsets.
+            offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+            np.cumsum([len(t) for t in token_ids], out=offsets[1:])
+            flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids] + [np.zeros(0, np.int64)])
+
         def run(group: tuple[int, int]) -> tuple[np.ndarray, ...]:
+            if USE_NUMBA:
+                return self._search_group_compiled(token_ids, flat, offsets, sizes, group[0], group[1], k)
             return self._search_group(token_ids, sizes, group[0], group[1], k)
 
         if n_threads > 1 and len(groups) > 1:
@@ -424,6 +442,43 @@ class BM25Index:
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def _search_group_compiled(self, token_ids: list[np.ndarray], flat: np.ndarray, offsets: np.ndarray,
+                               sizes: np.ndarray, lo: int, hi: int, k: int) -> tuple[np.ndarray, ...]:
+        """`_search_group` with the sparse queries in one numba kernel call (`_sparse_group_top_k`,
+        which releases the GIL, so the groups' threads run in parallel); the dense ones as there."""
+        s = self._retriever.scores
+        data, indices, indptr, n_docs = s["data"], s["indices"], s["indptr"], int(s["num_docs"])
+        ids = np.arange(lo, hi, dtype=np.int64)
+        size = sizes[lo:hi]
+        # No postings, no hits (and no zero-sized selection in the kernel).
+        dense = ids[(size > 0) & (size > n_docs // DENSE_SHARE)]
+        sparse = ids[(size > 0) & (size <= n_docs // DENSE_SHARE)]
+        parts = []
+        if len(sparse):
+            # A query's postings bound its distinct documents: min(k, postings) slots of output each.
+            caps = np.minimum(sizes[sparse], k)
+            positive = self._positive_weights(data)
+            # This group's scratch: the running sums (zero between queries) and, when some weight is
+            # not positive, which documents were touched; the touched documents and their scores.
+            sums = np.zeros(n_docs)
+            touched = np.zeros(0 if positive else n_docs, dtype=np.bool_)
+            found = np.empty(int(sizes[sparse].max()), dtype=indices.dtype)
+            sc, ties, tie_ranks = np.empty(len(found)), np.empty_like(found), np.empty(len(found), self._rank.dtype)
+            out = (np.empty(int(caps.sum()), np.int64), np.empty(int(caps.sum()), np.int64), np.empty(int(caps.sum())))
+            n = _sparse_group_top_k(flat, offsets, sparse, caps, data, indices, indptr, self._rank, positive,
+                                    sums, touched, found, sc, ties, tie_ranks, np.empty(2 * int(caps.max())), *out)
+            parts.append(tuple(o[:n] for o in out))
+        for i in dense.tolist():
+            rows, scores = self._top_k(self._retriever.get_scores_from_ids(token_ids[i].tolist()), k)
+            parts.append((np.full(len(rows), i, dtype=np.int64), rows.astype(np.int64), scores))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        merged = tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+        if len(dense):  # back in query order (each query's own order kept)
+            order = np.argsort(merged[0], kind="stable")
+            merged = tuple(m[order] for m in merged)
+        return merged
 
     def _sparse_top_k(self, terms: np.ndarray, k: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
                       sums: np.ndarray, touched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -469,6 +524,17 @@ class BM25Index:
         data = s["data"]
         width = max((len(t) for t in token_ids), default=0)
         if width == 0 or len(rows) == 0:
+            return out
+        if USE_NUMBA:  # the same sums in one compiled pass over the pairs (the numpy code below: ~2x slower)
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.min() < 0 or rows.max() >= len(self.doc_ids):  # the kernel does not check bounds
+                raise IndexError("score_rows: a row is outside the index")
+            offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+            np.cumsum([len(t) for t in token_ids], out=offsets[1:])
+            flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids])
+            by_row = self._by_row()
+            _score_pairs(flat, offsets, np.asarray(query, dtype=np.int64), rows,
+                         by_row.start, by_row.terms, by_row.position, data, out)
             return out
         dense = _dense_scores(data, s["indices"], s["indptr"], token_ids, query, len(self.doc_ids))
         if dense is not None:
@@ -566,6 +632,178 @@ class BM25IndexStage(GlobalStage):
         index = BM25Index.build(corpus.column("doc_id").combine_chunks(), corpus.column("text").to_pylist(), self.cfg)
         index.save(out_dir)
         return {"documents": corpus.num_rows, "engine": self.cfg.engine}
+
+
+# --------------------------------------------------------------------------- compiled kernels
+# Plain scalar loops only: numba's np.partition / np.argsort would cost seconds more compile time.
+
+
+def _njit(f):
+    # cache=True: compiled once per machine, not per process; nogil=True: the groups of a batch
+    # run in parallel threads. Without numba the function stays plain Python and is never called.
+    return numba.njit(cache=True, nogil=True)(f) if numba is not None else f
+
+
+@_njit
+def _kth_largest(a, n, k):
+    """Reorder a[:n] in place so that a[n-k:n] hold its k largest values (0 < k <= n) and return
+    the smallest of those (Hoare's selection; equal values split evenly, so ties cost nothing)."""
+    lo, hi, target = 0, n - 1, n - k
+    while lo < hi:
+        pivot = a[(lo + hi) >> 1]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            break
+    return a[target]
+
+
+@_njit
+def _worse(s1, r1, s2, r2):
+    # `_select`'s order: score desc, then doc-id rank asc (ranks are unique: a total order).
+    return s1 < s2 or (s1 == s2 and r1 > r2)
+
+
+@_njit
+def _sift_down(hs, hr, hd, n, i, s, r, d):
+    # Place (score s, rank r, doc d) at slot i of the n-entry heap (worst at the root), sift down.
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
+            c += 1
+        if not _worse(hs[c], hr[c], s, r):
+            break
+        hs[i], hr[i], hd[i] = hs[c], hr[c], hd[c]
+        i = c
+    hs[i], hr[i], hd[i] = s, r, d
+
+
+@_njit
+def _sparse_group_top_k(flat, offsets, queries, caps, data, indices, indptr, rank, positive,
+                        sums, touched, found, sc, ties, tie_ranks, best, out_q, out_rows, out_scores):
+    """`_sparse_top_k` for each query of `queries` in turn, written to the out arrays (query
+    order, then score desc, then rank); returns how many entries were written. The same float64
+    sums: each document's term weights added in query term order from 0.0 in the `sums` scratch.
+    The selection gives `_select`'s rows: its order is total (ranks are unique), so the top k is
+    unique. It goes by threshold: the cap-th largest score, then the documents above it and, of
+    those tied at it, the smallest ranks. (A query's scores take few distinct values in large tie
+    groups: an online heap of (score, rank) would keep replacing its root.)"""
+    n_out = 0
+    for j in range(len(queries)):
+        q = queries[j]
+        m = 0
+        for a in range(offsets[q], offsets[q + 1]):
+            t = flat[a]
+            for p in range(indptr[t], indptr[t + 1]):
+                d = indices[p]
+                before = sums[d]
+                if positive:  # every weight > 0: a document is new while its sum is 0
+                    found[m] = d  # branch-free: the loads of many postings stay in flight
+                    m += before == 0.0
+                elif not touched[d]:
+                    touched[d] = True
+                    found[m] = d
+                    m += 1
+                sums[d] = before + data[p]
+        # The touched documents' scores > 0, the scratch zeroed again on the way. `best` (2 cap
+        # slots) collects the scores that may be among the cap largest; when full it keeps the
+        # cap largest and `floor` rises to the smallest of them.
+        cap = caps[j]
+        n_best = 0
+        floor = 0.0
+        n = 0
+        for c in range(m):
+            d = found[c]
+            s = sums[d]
+            sums[d] = 0.0
+            if not positive:
+                touched[d] = False
+            if s > 0.0:
+                found[n] = d
+                sc[n] = s
+                n += 1
+                if s > floor:
+                    best[n_best] = s
+                    n_best += 1
+                    if n_best == 2 * cap:
+                        floor = _kth_largest(best, n_best, cap)
+                        for i in range(cap):
+                            best[i] = best[cap + i]
+                        n_best = cap
+        if n > cap:
+            kth = _kth_largest(best, n_best, cap)  # the cap-th largest score
+            w = 0
+            n_ties = 0
+            for c in range(n):
+                s = sc[c]
+                if s > kth:
+                    found[w] = found[c]
+                    sc[w] = s
+                    w += 1
+                elif s == kth:
+                    ties[n_ties] = found[c]
+                    tie_ranks[n_ties] = rank[found[c]]
+                    n_ties += 1
+            need = cap - w  # 1 <= need <= n_ties
+            # The need-th smallest tie rank, on a copy (tie_ranks stays aligned with ties).
+            cut = _kth_largest(tie_ranks[:n_ties].copy(), n_ties, n_ties - need + 1)
+            for c in range(n_ties):
+                if tie_ranks[c] <= cut:
+                    found[w] = ties[c]
+                    sc[w] = kth
+                    w += 1
+            n = w
+        # Heap sort by (score desc, rank asc) into the out arrays: heapify with the worst at the
+        # root, then move the root to the end each time, which leaves them best first.
+        hs, hr, hd = out_scores[n_out:n_out + n], tie_ranks[:n], out_rows[n_out:n_out + n]
+        for i in range(n):
+            hs[i], hr[i], hd[i] = sc[i], rank[found[i]], found[i]
+        for i in range(n // 2 - 1, -1, -1):
+            _sift_down(hs, hr, hd, n, i, hs[i], hr[i], hd[i])
+        for end in range(n - 1, 0, -1):
+            s, r, d = hs[end], hr[end], hd[end]
+            hs[end], hr[end], hd[end] = hs[0], hr[0], hd[0]
+            _sift_down(hs, hr, hd, end, 0, s, r, d)
+        out_q[n_out:n_out + n] = q
+        n_out += n
+    return n_out
+
+
+@_njit
+def _score_pairs(flat, offsets, query, rows, start, row_terms, position, data, out):
+    """`_RowTerms.weights` and score_rows' sums in one pass: for each (query, row) pair, each query
+    term looked up in the row's sorted terms (a lower bound) and its weight added, in query order
+    from 0.0: the same float64 additions as the numpy code."""
+    for i in range(len(rows)):
+        q, r = query[i], rows[i]
+        first, end = start[r], start[r + 1]
+        acc = 0.0
+        for a in range(offsets[q], offsets[q + 1]):
+            t = flat[a]
+            lo, hi = first, end
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if row_terms[mid] < t:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < end and row_terms[lo] == t:
+                acc += data[position[lo]]
+        out[i] = acc
 
 
 # score_rows on a small corpus: each query's score of every document (queries x documents at most
