@@ -166,6 +166,12 @@ def count_rows(directory: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(directory))
 
 
+# Stage shards are written once and read once or twice: no dictionary pages (on the candidates
+# tables they halved the write speed and made the files larger) and lz4, the fastest codec to
+# write and read here (1M-document run: write 2.3x, read 1.3x faster than snappy + dictionaries).
+PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False}
+
+
 class ShardWriter:
     """Write tables into numbered Parquet shards of at most `rows_per_shard` rows."""
 
@@ -188,7 +194,7 @@ class ShardWriter:
         while offset < table.num_rows:
             if self._writer is None:
                 path = self.directory / f"{self.prefix}-{self._shards:05d}.parquet"
-                self._writer = pq.ParquetWriter(path, self.schema)
+                self._writer = pq.ParquetWriter(path, self.schema, **PARQUET_OPTIONS)
                 self._shards += 1
                 self._rows_in_shard = 0
             take = min(table.num_rows - offset, self.rows_per_shard - self._rows_in_shard)
@@ -210,7 +216,7 @@ class ShardWriter:
             self._writer = None
         if self._shards == 0 and self.schema is not None:
             # An empty output is still a readable table with the right columns.
-            pq.write_table(self.schema.empty_table(), self.directory / f"{self.prefix}-00000.parquet")
+            pq.write_table(self.schema.empty_table(), self.directory / f"{self.prefix}-00000.parquet", **PARQUET_OPTIONS)
             self._shards = 1
 
     def __enter__(self) -> "ShardWriter":
