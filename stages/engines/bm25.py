@@ -705,82 +705,109 @@ def _sparse_group_top_k(flat, offsets, queries, caps, data, indices, indptr, ran
     n_out = 0
     for j in range(len(queries)):
         q = queries[j]
-        m = 0
-        for a in range(offsets[q], offsets[q + 1]):
-            t = flat[a]
-            for p in range(indptr[t], indptr[t + 1]):
-                d = indices[p]
-                before = sums[d]
-                if positive:  # every weight > 0: a document is new while its sum is 0
-                    found[m] = d  # branch-free: the loads of many postings stay in flight
-                    m += before == 0.0
-                elif not touched[d]:
-                    touched[d] = True
-                    found[m] = d
-                    m += 1
-                sums[d] = before + data[p]
-        # The touched documents' scores > 0, the scratch zeroed again on the way. `best` (2 cap
-        # slots) collects the scores that may be among the cap largest; when full it keeps the
-        # cap largest and `floor` rises to the smallest of them.
+        m = _accumulate(flat[offsets[q]:offsets[q + 1]], data, indices, indptr, positive, sums, touched, found)
         cap = caps[j]
-        n_best = 0
-        floor = 0.0
-        n = 0
-        for c in range(m):
-            d = found[c]
-            s = sums[d]
-            sums[d] = 0.0
-            if not positive:
-                touched[d] = False
-            if s > 0.0:
-                found[n] = d
-                sc[n] = s
-                n += 1
-                if s > floor:
-                    best[n_best] = s
-                    n_best += 1
-                    if n_best == 2 * cap:
-                        floor = _kth_largest(best, n_best, cap)
-                        for i in range(cap):
-                            best[i] = best[cap + i]
-                        n_best = cap
+        n, n_best = _collect(found, m, sums, touched, positive, cap, sc, best)
         if n > cap:
-            kth = _kth_largest(best, n_best, cap)  # the cap-th largest score
-            w = 0
-            n_ties = 0
-            for c in range(n):
-                s = sc[c]
-                if s > kth:
-                    found[w] = found[c]
-                    sc[w] = s
-                    w += 1
-                elif s == kth:
-                    ties[n_ties] = found[c]
-                    tie_ranks[n_ties] = rank[found[c]]
-                    n_ties += 1
-            need = cap - w  # 1 <= need <= n_ties
-            # The need-th smallest tie rank, on a copy (tie_ranks stays aligned with ties).
-            cut = _kth_largest(tie_ranks[:n_ties].copy(), n_ties, n_ties - need + 1)
-            for c in range(n_ties):
-                if tie_ranks[c] <= cut:
-                    found[w] = ties[c]
-                    sc[w] = kth
-                    w += 1
-            n = w
-        # Heap sort by (score desc, rank asc) into the out arrays: heapify with the worst at the
-        # root, then move the root to the end each time, which leaves them best first.
-        hs, hr, hd = out_scores[n_out:n_out + n], tie_ranks[:n], out_rows[n_out:n_out + n]
-        for i in range(n):
-            hs[i], hr[i], hd[i] = sc[i], rank[found[i]], found[i]
-        for i in range(n // 2 - 1, -1, -1):
-            _sift_down(hs, hr, hd, n, i, hs[i], hr[i], hd[i])
-        for end in range(n - 1, 0, -1):
-            s, r, d = hs[end], hr[end], hd[end]
-            hs[end], hr[end], hd[end] = hs[0], hr[0], hd[0]
-            _sift_down(hs, hr, hd, end, 0, s, r, d)
+            n = _keep_top(found, sc, n, cap, best, n_best, rank, ties, tie_ranks)
+        _sort_into(found, sc, n, rank, tie_ranks, out_rows[n_out:n_out + n], out_scores[n_out:n_out + n])
         out_q[n_out:n_out + n] = q
         n_out += n
     return n_out
+
+
+@_njit
+def _accumulate(terms, data, indices, indptr, positive, sums, touched, found):
+    """Add each term's postings into `sums`, in query order; the documents first touched go to
+    `found`, whose length is returned."""
+    m = 0
+    for t in terms:
+        for p in range(indptr[t], indptr[t + 1]):
+            d = indices[p]
+            before = sums[d]
+            if positive:  # every weight > 0: a document is new while its sum is 0
+                found[m] = d  # branch-free: the loads of many postings stay in flight
+                m += before == 0.0
+            elif not touched[d]:
+                touched[d] = True
+                found[m] = d
+                m += 1
+            sums[d] = before + data[p]
+    return m
+
+
+@_njit
+def _collect(found, m, sums, touched, positive, cap, sc, best):
+    """The touched documents with a score > 0 compacted into found/sc, the scratch zeroed again
+    on the way; returns their count and that of `best`. `best` (2 cap slots) collects the scores
+    that may be among the cap largest; when full it keeps the cap largest and `floor` rises to
+    the smallest of them."""
+    n_best = 0
+    floor = 0.0
+    n = 0
+    for c in range(m):
+        d = found[c]
+        s = sums[d]
+        sums[d] = 0.0
+        if not positive:
+            touched[d] = False
+        if s > 0.0:
+            found[n] = d
+            sc[n] = s
+            n += 1
+            if s > floor:
+                best[n_best] = s
+                n_best += 1
+                if n_best == 2 * cap:
+                    floor = _kth_largest(best, n_best, cap)
+                    for i in range(cap):
+                        best[i] = best[cap + i]
+                    n_best = cap
+    return n, n_best
+
+
+@_njit
+def _keep_top(found, sc, n, cap, best, n_best, rank, ties, tie_ranks):
+    """Compact found/sc to the cap best by (score desc, rank asc): everything above the cap-th
+    largest score and, of those tied at it, the smallest ranks. Returns cap."""
+    kth = _kth_largest(best, n_best, cap)  # the cap-th largest score
+    w = 0
+    n_ties = 0
+    for c in range(n):
+        s = sc[c]
+        if s > kth:
+            found[w] = found[c]
+            sc[w] = s
+            w += 1
+        elif s == kth:
+            ties[n_ties] = found[c]
+            tie_ranks[n_ties] = rank[found[c]]
+            n_ties += 1
+    need = cap - w  # 1 <= need <= n_ties
+    # The need-th smallest tie rank, on a copy (tie_ranks stays aligned with ties).
+    cut = _kth_largest(tie_ranks[:n_ties].copy(), n_ties, n_ties - need + 1)
+    for c in range(n_ties):
+        if tie_ranks[c] <= cut:
+            found[w] = ties[c]
+            sc[w] = kth
+            w += 1
+    return w
+
+
+@_njit
+def _sort_into(found, sc, n, rank, scratch_ranks, hd, hs):
+    """Heap sort of found[:n] by (score desc, rank asc) into hd (documents) and hs (scores):
+    heapify with the worst at the root, then move the root to the end each time, which leaves
+    them best first."""
+    hr = scratch_ranks[:n]
+    for i in range(n):
+        hs[i], hr[i], hd[i] = sc[i], rank[found[i]], found[i]
+    for i in range(n // 2 - 1, -1, -1):
+        _sift_down(hs, hr, hd, n, i, hs[i], hr[i], hd[i])
+    for end in range(n - 1, 0, -1):
+        s, r, d = hs[end], hr[end], hd[end]
+        hs[end], hr[end], hd[end] = hs[0], hr[0], hd[0]
+        _sift_down(hs, hr, hd, end, 0, s, r, d)
 
 
 @_njit
