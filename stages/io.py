@@ -133,8 +133,7 @@ class VectorFile:
 @functools.lru_cache(maxsize=1)
 def _pread_rows():
     """A compiled loop of pread(2) calls, one per row, or None without numba (the memory-mapped
-    gather is used then). Compiled on first use: numba is imported only by the stages that read
-    scattered vectors."""
+    gather is used then). Compiled on the first `take` (or loaded from numba's cache)."""
     try:
         import numba
         from numba import types
