@@ -135,13 +135,14 @@ def _pread_rows():
     """A compiled loop of pread(2) calls, one per row, or None without numba (the memory-mapped
     gather is used then). Compiled on the first `take` (or loaded from numba's cache)."""
     try:
-        import numba
         from numba import types
     except ImportError:
         return None
+    from hardneg.stages.engines.compiled import njit
+
     pread = types.ExternalFunction("pread", types.intp(types.intc, types.voidptr, types.uintp, types.int64))
 
-    @numba.njit(nogil=True, cache=True)
+    @njit
     def gather(fd, base, row_bytes, rows, out):
         # out: (len(rows), row_bytes) bytes; returns how many rows were read in full.
         for i in range(rows.shape[0]):

@@ -639,9 +639,11 @@ class BM25IndexStage(GlobalStage):
 
 
 def _njit(f):
-    # cache=True: compiled once per machine, not per process; nogil=True: the groups of a batch
+    # Cached on disk: compiled once per machine, not per process; nogil: the groups of a batch
     # run in parallel threads. Without numba the function stays plain Python and is never called.
-    return numba.njit(cache=True, nogil=True)(f) if numba is not None else f
+    from hardneg.stages.engines.compiled import njit
+
+    return njit(f) if numba is not None else f
 
 
 @_njit
