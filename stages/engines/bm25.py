@@ -407,10 +407,7 @@ class BM25Index:
         groups.append((start, len(token_ids)))
 
         if USE_NUMBA:
-            # The kernel reads the queries' terms as one flat array with offsets.
-            offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
-            np.cumsum([len(t) for t in token_ids], out=offsets[1:])
-            flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids] + [np.zeros(0, np.int64)])
+            flat, offsets = _flat_terms(token_ids)
 
         def run(group: tuple[int, int]) -> tuple[np.ndarray, ...]:
             if USE_NUMBA:
@@ -529,9 +526,7 @@ class BM25Index:
             rows = np.asarray(rows, dtype=np.int64)
             if rows.min() < 0 or rows.max() >= len(self.doc_ids):  # the kernel does not check bounds
                 raise IndexError("score_rows: a row is outside the index")
-            offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
-            np.cumsum([len(t) for t in token_ids], out=offsets[1:])
-            flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids])
+            flat, offsets = _flat_terms(token_ids)
             by_row = self._by_row()
             _score_pairs(flat, offsets, np.asarray(query, dtype=np.int64), rows,
                          by_row.start, by_row.terms, by_row.position, data, out)
@@ -635,6 +630,14 @@ class BM25IndexStage(GlobalStage):
 
 
 # --------------------------------------------------------------------------- compiled kernels
+def _flat_terms(token_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The queries' term ids as the kernels read them: one flat array, query i's at
+    flat[offsets[i]:offsets[i + 1]]."""
+    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in token_ids], out=offsets[1:])
+    return np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids] + [np.zeros(0, np.int64)]), offsets
+
+
 # Plain scalar loops only: numba's np.partition / np.argsort would cost seconds more compile time.
 
 
