@@ -88,7 +88,8 @@ def make_inputs(folder: Path, n_docs: int, n_queries: int, seed: int = 0) -> dic
 
 
 class TreeRSS:
-    """Peak resident memory of a process and all its children, sampled every 50 ms."""
+    """Peak resident memory and CPU seconds of a process and all its children, sampled every
+    50 ms. CPU seconds over wall seconds say how many cores a stage kept busy."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -96,6 +97,7 @@ class TreeRSS:
         self.process = psutil.Process(pid)
         self.peak = 0
         self.current = 0
+        self.cpu_by_pid: dict[int, float] = {}  # last seen; an exited worker keeps its last figure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -110,6 +112,8 @@ class TreeRSS:
                 for proc in procs:
                     try:
                         total += proc.memory_info().rss
+                        times = proc.cpu_times()
+                        self.cpu_by_pid[proc.pid] = times.user + times.system
                     except psutil.Error:
                         pass
                 self.current = total
@@ -122,11 +126,14 @@ class TreeRSS:
         peak, self.peak = self.peak, self.current
         return peak
 
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_by_pid.values())
+
     def stop(self) -> None:
         self._stop.set()
 
 
-def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[str, float, int]], float]:
+def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[str, float, int, float]], float]:
     cmd = [sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(inputs["beir"]), "--out", str(work / "out"),
            "--work-dir", str(work / "work"), "--corpus-embeddings", str(inputs["corpus"]),
            "--set", f"query_embeddings={inputs['queries']}", "--miners", "dense,bm25", "--num-negatives", "5",
@@ -136,10 +143,13 @@ def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[s
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     rss = TreeRSS(proc.pid)
     stages = []
+    cpu_before = 0.0
     for line in proc.stderr:
         match = re.match(r"(\S+)\s+done\s+\(\w+\) in ([\d.]+)s", line.strip())
         if match:
-            stages.append((match.group(1), float(match.group(2)), rss.take_peak()))
+            cpu = rss.cpu_seconds()
+            stages.append((match.group(1), float(match.group(2)), rss.take_peak(), cpu - cpu_before))
+            cpu_before = cpu
         elif "error" in line.lower():
             print(line, end="", file=sys.stderr)
     proc.wait()
@@ -193,18 +203,19 @@ print(time.perf_counter() - start)
     return float(out.strip().splitlines()[-1]) / n_texts, rss.peak
 
 
-def print_stages(stages: list[tuple[str, float, int]], total: float, n_docs: int, n_queries: int) -> None:
+def print_stages(stages: list[tuple[str, float, int, float]], total: float, n_docs: int, n_queries: int) -> None:
     """Per stage: seconds, the cost per query and per document (µs), its share of the stages'
-    time and the peak RSS of the process tree while it ran."""
+    time, the cores it kept busy (CPU seconds of the process tree over wall seconds; sampled, so
+    approximate) and the peak RSS of the process tree while it ran."""
     gib = 1024 ** 3
-    busy = sum(seconds for _, seconds, _ in stages) or 1.0
-    print(f"{'stage':<18}{'seconds':>10}{'µs/query':>12}{'µs/doc':>10}{'share':>8}{'peak RSS GiB':>14}")
-    for name, seconds, peak in stages:
+    busy = sum(stage[1] for stage in stages) or 1.0
+    print(f"{'stage':<18}{'seconds':>10}{'µs/query':>12}{'µs/doc':>10}{'share':>8}{'cores':>7}{'peak RSS GiB':>14}")
+    for name, seconds, peak, cpu in stages:
         print(f"{name:<18}{seconds:>10.1f}{seconds / n_queries * 1e6:>12.0f}{seconds / n_docs * 1e6:>10.1f}"
-              f"{seconds / busy:>8.1%}{peak / gib:>14.2f}")
-    peak = max((p for _, _, p in stages), default=0)
+              f"{seconds / busy:>8.1%}{cpu / max(seconds, 1e-9):>7.2f}{peak / gib:>14.2f}")
+    peak = max((stage[2] for stage in stages), default=0)
     print(f"{'total':<18}{total:>10.1f}{total / n_queries * 1e6:>12.0f}{total / n_docs * 1e6:>10.1f}"
-          f"{'':>8}{peak / gib:>14.2f}   (total: the whole command, process start included)")
+          f"{'':>15}{peak / gib:>14.2f}   (total: the whole command, process start included)")
 
 
 def main() -> None:
