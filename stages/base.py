@@ -66,6 +66,12 @@ class MapStage(Stage):
     # re-tuning it never starts Ray or a model worker; the rest go to the run's executor.
     stateful: bool = False
     in_process: bool = False
+    # How many batches the in-process runner computes at once, in threads of one process, each
+    # thread limited to one core (`enter_batch_thread`). Only for a stage whose state after setup
+    # is read-only and whose work mostly releases the GIL (compiled kernels, faiss, numpy, Arrow):
+    # two batches side by side keep two cores busy where one batch's own threads idle between
+    # its parallel parts. The output is the same: batches are independent and written in order.
+    local_batches: int = 1
 
     def __init__(self) -> None:
         self._ready = False
@@ -90,6 +96,10 @@ class MapStage(Stage):
         for key in [k for k in self.__dict__ if k.startswith("_")]:
             del self.__dict__[key]
         self._ready = False
+
+    def enter_batch_thread(self) -> None:
+        """Called once in each thread of the in-process runner's pool (see `local_batches`),
+        before its first batch: keep that thread's own parallelism to one core."""
 
     def transform(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -25,6 +25,7 @@ Python's string order).
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ log = logging.getLogger("hardneg")
 SCAN_CHUNK = 16_384  # corpus rows per block of the exact positive-rank scan
 GATHER_BUDGET = 1 << 18  # float64 vector elements gathered at once (2 MB, cache-sized) for exact scores
 SCAN_COLUMNS = 256  # positives compared against one scanned block at a time
+_batch_thread = threading.local()  # `threads`: set in the in-process runner's batch threads
 
 
 class _BatchVectors:
@@ -192,6 +194,9 @@ class CandidatesStage(MapStage):
         self.search_device = search_device(Path(index_dir) / "faiss", index_config)
         self.resources = Resources(num_cpus=threads, num_gpus=1.0 if self.search_device == "gpu" else 0.0,
                                    batch_size=batch_size, max_workers=max_workers)
+        # In-process on CPU, `threads` batches side by side on one core each: a batch's vector
+        # reads, exact scores and columns run on one core, so its own threads idle most of it.
+        self.local_batches = max(1, int(threads)) if self.search_device == "cpu" else 1
         log.info("candidates: the index searches on %s", self.search_device)
 
     def fingerprint_config(self) -> dict[str, Any]:
@@ -222,8 +227,15 @@ class CandidatesStage(MapStage):
             if not bm25_ids.equals(self._ids.array):
                 self._bm25_rows = self._ids.rows(bm25_ids)
 
+    def enter_batch_thread(self) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # OpenMP's thread count is per calling thread
+        _batch_thread.threads = 1
+
     def transform(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        threads = getattr(_batch_thread, "threads", int(self.resources.num_cpus))
         queries = batch.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         queries = np.ascontiguousarray(queries.reshape(n, -1), dtype=np.float32)
         pos_q, pos_ids = _flat(batch.column("positive_ids"))
@@ -241,7 +253,7 @@ class CandidatesStage(MapStage):
             _, ann_rows = self._ann.search(queries, depth)
         hits = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float64),)
         if self._bm25 is not None and "bm25" in self.miners:
-            hits = self._bm25.search_rows(tokens, k, n_threads=int(self.resources.num_cpus))
+            hits = self._bm25.search_rows(tokens, k, n_threads=threads)
             if self._bm25_rows is not None:
                 hits = (hits[0], self._bm25_rows[hits[1]], hits[2])
         # Every stored vector the batch needs (positives, both miners' hits), read once.

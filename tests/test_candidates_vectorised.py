@@ -265,3 +265,35 @@ def test_a_whole_run_writes_the_rows_of_the_reference(mined, small_beir, tmp_pat
     ours, reference = datasets.load_from_disk(str(mined / "out")), datasets.load_from_disk(str(tmp_path / "out"))
     assert ours.num_rows == reference.num_rows > 0
     assert ours.to_list() == reference.to_list()
+
+
+def test_batches_side_by_side_write_the_shards_of_one_at_a_time(mined, queries, tmp_path):
+    """The in-process runner computes `threads` candidates batches at once, each on one core of
+    its own thread: the shards it writes are those of one batch at a time."""
+    import threading
+
+    from hardneg.pipeline.executors.local import compute_in_process
+    from hardneg.stages.engines.bm25 import BM25Config
+    from hardneg.stages.engines.faiss_index import IndexConfig
+    from hardneg.stages.io import ShardWriter
+
+    class Recorded(CandidatesStage):
+        def transform(self, batch):
+            self.threads_seen.add(threading.current_thread().name)
+            return super().transform(batch)
+
+    rows = tmp_path / "queries"
+    with ShardWriter(rows) as writer:
+        writer.write(queries)
+    work = mined / "work"
+    args = dict(miners=["dense", "bm25"], range_max=20, rrf_k=60, index_dir=_stage_dir(work, "index"),
+                index_config=IndexConfig(gpu="off"), bm25_dir=_stage_dir(work, "bm25_index"),
+                bm25_config=BM25Config(), batch_size=7, threads=2)
+    side, alone = Recorded(**args), Recorded(**args)
+    alone.local_batches = 1
+    for stage, out in ((side, tmp_path / "side"), (alone, tmp_path / "alone")):
+        stage.threads_seen = set()
+        assert compute_in_process(stage, rows, out, progress=False) == queries.num_rows
+    assert side.local_batches == 2 and len({n for n in side.threads_seen if n.startswith("hardneg-candidates")}) == 2
+    assert alone.threads_seen == {threading.current_thread().name}
+    assert read_table(tmp_path / "side").equals(read_table(tmp_path / "alone"))

@@ -1,7 +1,14 @@
-"""In-process execution of a map stage: stream Parquet batches through it, write shards."""
+"""In-process execution of a map stage: stream Parquet batches through it, write shards.
+
+A stage that declares `local_batches` > 1 computes that many batches at once in a thread pool
+(each thread on one core); the results are written in input order, so the shards are the same
+as one batch at a time.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hardneg.pipeline.progress import progress_bar
@@ -20,16 +27,51 @@ class LocalExecutor:
         """Nothing to start ahead: the in-process runner loads a model when its stage runs."""
 
     def run_map(self, stage: MapStage, input_dir: Path, out_dir: Path) -> int:
-        total = count_rows(input_dir)
         try:
-            with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
-                for batch in iter_batches(input_dir, stage.resources.batch_size):
-                    batch_delay_for_tests(stage.name)
-                    writer.write(stage(batch))
-                    bar.update(batch.num_rows)
+            return compute_in_process(stage, input_dir, out_dir, self.progress)
         finally:
             stage.release()  # its index and memory maps are not needed by the stages after it
-        return writer.rows
 
     def close(self) -> None:
         pass
+
+
+def compute_in_process(stage: MapStage, input_dir: Path, out_dir: Path, progress: bool) -> int:
+    """Every batch of `input_dir` through the stage in this process, written as shards in input
+    order; the rows written."""
+    with ShardWriter(out_dir) as writer, progress_bar(stage.name, count_rows(input_dir), progress) as bar:
+        batches = iter_batches(input_dir, stage.resources.batch_size)
+        if max(1, int(stage.local_batches)) == 1:
+            for batch in batches:
+                batch_delay_for_tests(stage.name)
+                writer.write(stage(batch))
+                bar.update(batch.num_rows)
+        else:
+            for rows, result in _concurrent(stage, batches):
+                writer.write(result)
+                bar.update(rows)
+    return writer.rows
+
+
+def _concurrent(stage: MapStage, batches):
+    """(input rows, result) of every batch in input order, `stage.local_batches` batches computed
+    at a time."""
+    workers = int(stage.local_batches)
+    stage.ensure_setup()  # once, before the threads share it
+
+    def compute(batch):
+        batch_delay_for_tests(stage.name)
+        return batch.num_rows, stage(batch)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=f"hardneg-{stage.name}", initializer=stage.enter_batch_thread)
+    pending: deque = deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(compute, batch))
+            if len(pending) > workers:  # one batch queued beyond those running
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # On an error or Ctrl-C: nothing new starts; the batches already running finish first.
+        pool.shutdown(wait=True, cancel_futures=True)

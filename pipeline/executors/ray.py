@@ -375,6 +375,10 @@ class RayExecutor:
         # for one worker only, which would replace the driver at the cost of its start.
         alone = helping and (self.in_driver(stage) or (total <= stage.resources.batch_size
                                                        and stage.pool_key() not in self._pools))
+        if alone:  # as the in-process runner computes it (its `local_batches` included)
+            from hardneg.pipeline.executors.local import compute_in_process
+
+            return compute_in_process(stage, input_dir, out_dir, self.progress)
         workers, stage_ref = None, None
         pending: deque = deque()  # in input order: a worker's result ref, or a table made here
         with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
