@@ -188,10 +188,11 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
 
         nodes.append(Node("lexical", lambda i: LexicalStage(
             bm25_dir=i["bm25"], bm25_config=c.bm25, corpus_dir=i["corpus"], rows_dir=i["scored"], max_workers=c.workers,
+            threads=m.threads,
         ), {"scored": scored, **bm25, "corpus": "ingest/corpus"}, rows="scored", covered=("corpus",)))
         scored = "lexical"
     nodes.append(Node("filter", lambda i: FilterStage(
-        specs, seed=c.seed, fit_input=i["scored"], false_negatives=c.false_negatives,
+        specs, seed=c.seed, fit_input=i["scored"], false_negatives=c.false_negatives, threads=m.threads,
     ), {"scored": scored}, rows="scored"))
     nodes.append(Node("sample", lambda i: SampleStage(
         num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,

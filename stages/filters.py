@@ -585,13 +585,15 @@ class FilterStage(MapStage):
     in_process = True  # cheap per query: runs in the driver
 
     def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024, *, seed: int = 12,
-                 fit_input: Path | None = None, false_negatives: str = "drop") -> None:
+                 fit_input: Path | None = None, false_negatives: str = "drop", threads: int = 1) -> None:
         super().__init__()
         self.specs = specs
         self.seed = seed
         self.fit_input = str(fit_input) if fit_input else None
         self.false_negatives = false_negatives
         self.resources = Resources(num_cpus=1, batch_size=batch_size)
+        # `threads` batches side by side: numpy and Arrow release the GIL; the models are read-only.
+        self.local_batches = max(1, int(threads))
 
     def fingerprint_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"filters": self.specs}

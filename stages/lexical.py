@@ -89,13 +89,15 @@ class LexicalStage(MapStage):
     stateful = True  # holds the BM25 index and the positives' texts
 
     def __init__(self, *, bm25_dir: Path, bm25_config, corpus_dir: Path, rows_dir: Path, batch_size: int = 1024,
-                 max_workers: int | None = None) -> None:
+                 max_workers: int | None = None, threads: int = 1) -> None:
         super().__init__()
         self.bm25_dir = str(bm25_dir)
         self.bm25_config = bm25_config
         self.corpus_dir = str(corpus_dir)
         self.rows_dir = str(rows_dir)  # the rows it scores: their positives' texts are loaded once
         self.resources = Resources(num_cpus=1, batch_size=batch_size, max_workers=max_workers)
+        # In-process, `threads` batches side by side: the scoring kernel and Arrow release the GIL.
+        self.local_batches = max(1, int(threads))
 
     def fingerprint_config(self) -> dict[str, Any]:
         return {}  # a function of its inputs alone (the BM25 index's fingerprint holds its settings)
