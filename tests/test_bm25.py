@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from hardneg.stages.engines.bm25 import BM25Config, BM25Index, tokenize
+from hardneg.stages.engines.bm25 import BM25Config, BM25Index, tokenize, tokenize_ids
 
 CRANFIELD = Path(__file__).parent.parent / "examples" / "cranfield"
 K = 20
@@ -62,6 +62,32 @@ def test_tokenize_lowercases_removes_stopwords_and_stems():
     assert tokenize(["Running dogs"], BM25Config(stemmer=None)) == [["running", "dogs"]]
     assert tokenize(["the dogs"], BM25Config(stopwords=None)) == [["the", "dog"]]
     assert tokenize(["", "the of"], cfg) == [[], []]
+
+
+MIXED = ["The Flow of AIR over a wing_tip, at Mach-2.5!", "", "a I x", "Café naïve façade — ÉCOLE résumé 2024",
+         "über Straße ǅemal İstanbul", "boundary-layer\ttransition\n123 45a b_c __", "the of and", "ÀÉ 日本語 テキスト",
+         "FLOWS flowing flowed", "’curly quotes’ and “more” flows"]
+
+
+@pytest.mark.parametrize("cfg", [BM25Config(), BM25Config(stemmer=None), BM25Config(stopwords=None)])
+def test_arrow_tokenisation_equals_the_python_code(cfg, cranfield):
+    """`tokenize_ids` (Arrow compute for ASCII texts, the Python code for the rest) gives each
+    text `tokenize`'s tokens, and numbers them in order of first occurrence."""
+    for texts in (MIXED, cranfield[1] + MIXED, MIXED[3:4] + cranfield[2]):
+        expected = tokenize(texts, cfg)
+        ids, offsets, vocabulary = tokenize_ids(texts, cfg)
+        terms = vocabulary.to_pylist()
+        assert [[terms[i] for i in ids[a:b]] for a, b in zip(offsets[:-1], offsets[1:])] == expected
+        assert terms == list(dict.fromkeys(t for tokens in expected for t in tokens))
+
+
+def test_prepared_queries_are_the_index_term_ids_of_their_tokens(indexes, cranfield):
+    index = indexes["bm25s"]
+    queries = cranfield[2] + MIXED + ["zzzunknownword flow"]
+    prepared = index.prepare(queries)
+    expected = [index._retriever.get_tokens_ids(tokens) for tokens in tokenize(queries, index.cfg)]
+    assert [list(p) for p in prepared] == expected
+    assert all(p.dtype == np.int64 for p in prepared)
 
 
 def test_config_rejects_unknown_names_and_fields():

@@ -148,7 +148,8 @@ def tokenize(texts: list[str], cfg: BM25Config) -> list[list[str]]:
     """Lowercase, split on the word regex, drop stopwords, then stem.
 
     Stopwords are removed before stemming (as bm25s does), so the lists match their
-    surface forms. Each distinct word is stemmed once per call.
+    surface forms. Each distinct word is stemmed once per call. The reference of
+    `tokenize_ids`, which the bm25s engine uses.
     """
     stop = _stopword_set(cfg.stopwords)
     docs = [[w for w in _TOKEN_RE.findall(t.lower()) if w not in stop] for t in texts]
@@ -159,21 +160,78 @@ def tokenize(texts: list[str], cfg: BM25Config) -> list[list[str]]:
     return [[stem[w] for w in d] for d in docs]
 
 
+def tokenize_ids(texts, cfg: BM25Config) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """`tokenize` as (ids, offsets, vocabulary): text i's tokens are vocabulary[ids[offsets[i]:
+    offsets[i + 1]]], and the vocabulary lists every token in order of first occurrence (the
+    order BM25Okapi and `_okapi_bm25s` number them in).
+
+    ASCII texts are split by Arrow compute, with no Python object per word: for ASCII, Python's
+    lower() and its Unicode word class are Arrow's `ascii_lower` and [0-9a-z_], and the word
+    regex's matches are the runs of word characters of length >= 2. Any other text goes through
+    `tokenize`'s own Python code. Each distinct word is stemmed once."""
+    texts = pa.array(texts, pa.large_string()) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    texts = texts.fill_null("")
+    n = len(texts)
+    ascii_rows = pc.string_is_ascii(texts).to_numpy(zero_copy_only=False)
+    words, row_of_word = _ascii_words(pc.ascii_lower(texts.filter(pa.array(ascii_rows))))
+    row_of_word = np.flatnonzero(ascii_rows)[row_of_word]
+    stop = _stopword_set(cfg.stopwords)
+    keep = pc.and_(pc.greater_equal(pc.binary_length(words), 2),
+                   pc.invert(pc.is_in(words, value_set=pa.array(sorted(stop), words.type))))
+    words, row_of_word = words.filter(keep), row_of_word[keep.to_numpy(zero_copy_only=False)]
+    other = np.flatnonzero(~ascii_rows)
+    if len(other):  # the texts Arrow's ASCII rules do not cover: their words, in text order after the rest
+        found = [[w for w in _TOKEN_RE.findall(t.lower()) if w not in stop] for t in texts.take(pa.array(other)).to_pylist()]
+        words = pa.concat_arrays([words.cast(pa.large_string()),
+                                  pa.array([w for ws in found for w in ws], pa.large_string())])
+        row_of_word = np.concatenate([row_of_word, np.repeat(other, [len(ws) for ws in found])])
+        order = np.argsort(row_of_word, kind="stable")  # each text's words from one source, in order
+        words, row_of_word = words.take(pa.array(order)), row_of_word[order]
+    encoded = pc.dictionary_encode(words)  # distinct words, numbered in order of first occurrence
+    word_ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    distinct = encoded.dictionary
+    if cfg.stemmer is not None:
+        distinct = pa.array(_stemmer(cfg.stemmer).stemWords(distinct.to_pylist()), pa.large_string())
+    # Stems numbered in order of first occurrence too: the distinct words are in that order.
+    stems = pc.dictionary_encode(distinct)
+    ids = stems.indices.to_numpy(zero_copy_only=False).astype(np.int64)[word_ids]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of_word, minlength=n), out=offsets[1:])
+    return ids, offsets, stems.dictionary
+
+
 # --------------------------------------------------------------------------- engines
 
 
-def _okapi_bm25s(corpus: list[list[str]], k1: float, b: float) -> bm25s.BM25:
-    """A bm25s eager index whose weights are BM25Okapi's (see module docstring)."""
-    n_docs = len(corpus)
-    # Vocabulary ids in first-occurrence order: the order BM25Okapi builds its idf
-    # dict in, so the mean idf (epsilon floor) is summed in the same order.
-    vocab: dict[str, int] = {}
-    tok_ids = np.fromiter(
-        (vocab.setdefault(t, len(vocab)) for doc in corpus for t in doc), dtype=np.int64
-    )
+def _ascii_words(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """The runs of [0-9a-z_] of lowercased ASCII texts and the text each is from. A large input
+    is split in a thread per core (Arrow's regex releases the GIL)."""
+    from hardneg.stages.base import local_cpus
+
+    def split(start: int, stop: int) -> tuple[pa.Array, np.ndarray]:
+        runs = pc.split_pattern_regex(texts.slice(start, stop - start), r"[^0-9a-z_]+")
+        return pc.list_flatten(runs), pc.list_parent_indices(runs).to_numpy().astype(np.int64) + start
+
+    parts = max(1, min(local_cpus(), len(texts) // 100_000))
+    bounds = np.linspace(0, len(texts), parts + 1).astype(int)
+    if parts == 1:
+        return split(0, len(texts))
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        pieces = list(pool.map(split, bounds[:-1], bounds[1:]))
+    return pa.concat_arrays([w for w, _ in pieces]), np.concatenate([r for _, r in pieces])
+
+
+def _okapi_bm25s(tok_ids: np.ndarray, offsets: np.ndarray, vocabulary: pa.Array, k1: float, b: float) -> bm25s.BM25:
+    """A bm25s eager index whose weights are BM25Okapi's (see module docstring), from
+    `tokenize_ids`'s output. Its vocabulary ids are in first-occurrence order: the order
+    BM25Okapi builds its idf dict in, so the mean idf (epsilon floor) is summed in the same order."""
+    n_docs = len(offsets) - 1
+    vocab = dict(zip(vocabulary.to_pylist(), range(len(vocabulary))))
     if not vocab:
         raise InputError(_NO_TOKENS)
-    doc_len = np.fromiter((len(doc) for doc in corpus), dtype=np.int64, count=n_docs)
+    doc_len = np.diff(offsets)
     doc_of_tok = np.repeat(np.arange(n_docs, dtype=np.int64), doc_len)
 
     # One sort of (term, doc) keys yields term frequencies in CSC order
@@ -246,9 +304,9 @@ class BM25Index:
             raise ValueError("cannot index an empty corpus")
         if pc.count_distinct(_id_array(doc_ids)).as_py() != len(doc_ids):
             raise ValueError("doc ids must be unique")
-        tokens = tokenize(texts, cfg)
         if cfg.engine == "bm25s":
-            return cls(cfg, doc_ids, retriever=_okapi_bm25s(tokens, cfg.k1, cfg.b))
+            return cls(cfg, doc_ids, retriever=_okapi_bm25s(*tokenize_ids(texts, cfg), cfg.k1, cfg.b))
+        tokens = tokenize(texts.to_pylist() if isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts, cfg)
         if not any(tokens):
             raise InputError(_NO_TOKENS)
         okapi = BM25Okapi(tokens, k1=cfg.k1, b=cfg.b, epsilon=_EPSILON)
@@ -372,11 +430,17 @@ class BM25Index:
         """The queries as `search_rows` and `score_rows` take them: with bm25s each query's
         vocabulary ids in query order (unknown terms dropped, repeats kept: what `search` and
         `score` sum over); with rank_bm25 its known tokens."""
-        tokens = tokenize(query_texts, self.cfg)
         if self._okapi is not None:
-            return [[t for t in q if t in self._okapi.idf] for q in tokens]
-        r = self._retriever
-        return [np.asarray(r.get_tokens_ids(t), dtype=np.int64) for t in tokens]
+            return [[t for t in q if t in self._okapi.idf] for q in tokenize(query_texts, self.cfg)]
+        ids, offsets, vocabulary = tokenize_ids(query_texts, self.cfg)
+        # The batch's own (small) vocabulary numbered as the index numbers it (-1: not in it).
+        vocab = self._retriever.vocab_dict
+        known = np.fromiter((vocab.get(term, -1) for term in vocabulary.to_pylist()), np.int64, len(vocabulary))
+        ids = known[ids]
+        n = len(offsets) - 1
+        keep = ids >= 0
+        counts = np.bincount(np.repeat(np.arange(n), np.diff(offsets))[keep], minlength=n)
+        return np.split(ids[keep], np.cumsum(counts)[:-1])
 
     def search_rows(self, token_ids: list[np.ndarray], k: int, n_threads: int = 1) -> tuple[np.ndarray, ...]:
         """`search` for a batch of queries, as flat arrays (query, row, score) ordered by query,
@@ -624,7 +688,7 @@ class BM25IndexStage(GlobalStage):
         from hardneg.stages.io import read_table
 
         corpus = read_table(inputs["corpus"], columns=["doc_id", "text"])
-        index = BM25Index.build(corpus.column("doc_id").combine_chunks(), corpus.column("text").to_pylist(), self.cfg)
+        index = BM25Index.build(corpus.column("doc_id").combine_chunks(), corpus.column("text"), self.cfg)
         index.save(out_dir)
         return {"documents": corpus.num_rows, "engine": self.cfg.engine}
 
