@@ -126,19 +126,16 @@ def _pair_rejects(rejects: pa.Table) -> dict[str, int]:
     return _by_reason(rejects.filter(rejects.column("pair")))
 
 
-def _first_seen_counts(values: pa.Array | pa.ChunkedArray, by: np.ndarray | None = None):
-    """(value, count, codes) of each distinct string, in order of first appearance (a Python
-    dict's insertion order); `codes`: each element's index into that order."""
-    encoded = pc.dictionary_encode(values).combine_chunks() if isinstance(values, pa.ChunkedArray) else pc.dictionary_encode(values)
+def _first_seen_counts(values: pa.Array | pa.ChunkedArray):
+    """(value, count, codes) of each distinct value, in order of first appearance (a Python
+    dict's insertion order); `codes`: each element's index into that order. Arrow's dictionary
+    encoding numbers the distinct values of one array in that order: no sort."""
+    encoded = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
     if not len(encoded):
         return []
     codes = encoded.indices.to_numpy().astype(np.int64)
-    unique, first, inverse, counts = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    names = encoded.dictionary.to_pylist()
-    return [(names[unique[i]], counts[i], rank[inverse.reshape(-1)]) for i in order]
+    counts = np.bincount(codes, minlength=len(encoded.dictionary))
+    return [(name, counts[i], codes) for i, name in enumerate(encoded.dictionary.to_pylist())]
 
 
 def _count_decisions(batch: pa.Table, decisions: dict[str, int], per_source: dict[str, dict[str, int]]) -> None:
@@ -152,17 +149,15 @@ def _count_decisions(batch: pa.Table, decisions: dict[str, int], per_source: dic
     if not len(entries):
         return
     owner = pc.list_parent_indices(sources).to_numpy().astype(np.int64)
-    decision_of = pc.dictionary_encode(flat).combine_chunks()
+    decision_of = pc.dictionary_encode(flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat)
     names = decision_of.dictionary.to_pylist()
     codes = decision_of.indices.to_numpy().astype(np.int64)[owner]
-    source_names = [name for name, _, _ in _first_seen_counts(entries)]
-    source_codes = _first_seen_counts(entries)[0][2]
-    keys = source_codes * len(names) + codes
-    unique, first, counts = np.unique(keys, return_index=True, return_counts=True)
-    for i in np.argsort(first, kind="stable"):
-        source, decision = source_names[unique[i] // len(names)], names[unique[i] % len(names)]
+    seen = _first_seen_counts(entries)
+    source_names, source_codes = [name for name, _, _ in seen], seen[0][2]
+    for key, count, _ in _first_seen_counts(pa.array(source_codes * len(names) + codes)):
+        source, decision = source_names[key // len(names)], names[key % len(names)]
         bucket = per_source.setdefault(source, {})
-        bucket[decision] = bucket.get(decision, 0) + int(counts[i])
+        bucket[decision] = bucket.get(decision, 0) + int(count)
 
 
 def describe(values: np.ndarray) -> dict[str, float | int]:
