@@ -135,7 +135,7 @@ class MineConfig(BaseModel):
     runner: Literal["ray", "local"] = Field("ray", description="ray (local Ray or --ray-address) or local (in-process)")
     ray_address: str | None = Field(None, description="join an existing Ray cluster (ray://host:10001 or auto)")
     workers: int | None = Field(None, gt=0, description="max model workers (actors) per stage")
-    threads: int | None = Field(None, gt=0, description="CPU threads per model worker (default: min(4, cores))")
+    threads: int | None = Field(None, gt=0, description="CPU threads per model worker; in-process, the batches computed side by side (default: min(4, cores))")
 
     @field_validator("miners", mode="before")
     @classmethod
