@@ -206,13 +206,16 @@ print(time.perf_counter() - start)
 def print_stages(stages: list[tuple[str, float, int, float]], total: float, n_docs: int, n_queries: int) -> None:
     """Per stage: seconds, the cost per query and per document (µs), its share of the stages'
     time, the cores it kept busy (CPU seconds of the process tree over wall seconds; sampled, so
-    approximate) and the peak RSS of the process tree while it ran."""
+    approximate, and "-" for a stage under half a second) and the peak RSS of the process tree
+    while it ran."""
     gib = 1024 ** 3
     busy = sum(stage[1] for stage in stages) or 1.0
     print(f"{'stage':<18}{'seconds':>10}{'µs/query':>12}{'µs/doc':>10}{'share':>8}{'cores':>7}{'peak RSS GiB':>14}")
     for name, seconds, peak, cpu in stages:
+        # Sampled every 50 ms: under half a second the ratio says nothing.
+        cores = f"{cpu / seconds:.2f}" if seconds >= 0.5 else "-"
         print(f"{name:<18}{seconds:>10.1f}{seconds / n_queries * 1e6:>12.0f}{seconds / n_docs * 1e6:>10.1f}"
-              f"{seconds / busy:>8.1%}{cpu / max(seconds, 1e-9):>7.2f}{peak / gib:>14.2f}")
+              f"{seconds / busy:>8.1%}{cores:>7}{peak / gib:>14.2f}")
     peak = max((stage[2] for stage in stages), default=0)
     print(f"{'total':<18}{total:>10.1f}{total / n_queries * 1e6:>12.0f}{total / n_docs * 1e6:>10.1f}"
           f"{'':>15}{peak / gib:>14.2f}   (total: the whole command, process start included)")
