@@ -97,8 +97,8 @@ class WriteStage(GlobalStage):
         per_source: dict[str, dict[str, int]] = {}
         for batch in iter_batches(inputs["filtered"], 65_536, columns=["decisions", "sources"]):
             _count_decisions(batch, decisions, per_source)
-        negatives_per_source = {source: int(n) for source, n, _ in _first_seen_counts(
-            pc.list_flatten(pc.list_flatten(mined.column("negative_sources"))))}
+        sources, counts, _ = _first_seen(pc.list_flatten(pc.list_flatten(mined.column("negative_sources"))))
+        negatives_per_source = {source: int(n) for source, n in zip(sources, counts)}
         return {
             "input_pairs": pairs_in,
             "output_pairs": pairs_out,
@@ -126,35 +126,29 @@ def _pair_rejects(rejects: pa.Table) -> dict[str, int]:
     return _by_reason(rejects.filter(rejects.column("pair")))
 
 
-def _first_seen_counts(values: pa.Array | pa.ChunkedArray):
-    """(value, count, codes) of each distinct value, in order of first appearance (a Python
-    dict's insertion order); `codes`: each element's index into that order. Arrow's dictionary
-    encoding numbers the distinct values of one array in that order: no sort."""
+def _first_seen(values: pa.Array | pa.ChunkedArray) -> tuple[list, np.ndarray, np.ndarray]:
+    """(distinct values, their counts, each element's index into them), the distinct values in
+    order of first appearance (a Python dict's insertion order). Arrow's dictionary encoding
+    numbers the distinct values of one array in that order: no sort."""
     encoded = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
-    if not len(encoded):
-        return []
     codes = encoded.indices.to_numpy().astype(np.int64)
-    counts = np.bincount(codes, minlength=len(encoded.dictionary))
-    return [(name, counts[i], codes) for i, name in enumerate(encoded.dictionary.to_pylist())]
+    return encoded.dictionary.to_pylist(), np.bincount(codes, minlength=len(encoded.dictionary)), codes
 
 
 def _count_decisions(batch: pa.Table, decisions: dict[str, int], per_source: dict[str, dict[str, int]]) -> None:
     """Add one batch of candidates to the decision counts, overall and per source (each source's
     buckets created in order of first appearance, as the per-candidate loop did)."""
-    flat = pc.list_flatten(batch.column("decisions"))
-    for decision, n, _ in _first_seen_counts(flat):
+    names, counts, codes = _first_seen(pc.list_flatten(batch.column("decisions")))
+    for decision, n in zip(names, counts):
         decisions[decision] = decisions.get(decision, 0) + int(n)
     sources = pc.list_flatten(batch.column("sources"))  # one list per candidate
     entries = pc.list_flatten(sources)
     if not len(entries):
         return
     owner = pc.list_parent_indices(sources).to_numpy().astype(np.int64)
-    decision_of = pc.dictionary_encode(flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat)
-    names = decision_of.dictionary.to_pylist()
-    codes = decision_of.indices.to_numpy().astype(np.int64)[owner]
-    seen = _first_seen_counts(entries)
-    source_names, source_codes = [name for name, _, _ in seen], seen[0][2]
-    for key, count, _ in _first_seen_counts(pa.array(source_codes * len(names) + codes)):
+    source_names, _, source_codes = _first_seen(entries)
+    keys, counts, _ = _first_seen(pa.array(source_codes * len(names) + codes[owner]))
+    for key, count in zip(keys, counts):
         source, decision = source_names[key // len(names)], names[key % len(names)]
         bucket = per_source.setdefault(source, {})
         bucket[decision] = bucket.get(decision, 0) + int(count)
@@ -185,9 +179,8 @@ def _scores_per_source(mined: pa.Table) -> dict[str, dict]:
         return {}
     values = pc.list_flatten(scores).cast(pa.float64()).to_numpy(zero_copy_only=False)[
         pc.list_parent_indices(per_negative).to_numpy().astype(np.int64)]
-    seen = _first_seen_counts(entries)
-    codes = seen[0][2]
-    return {source: describe(values[codes == i]) for i, (source, _, _) in enumerate(seen)}
+    names, _, codes = _first_seen(entries)
+    return {source: describe(values[codes == i]) for i, source in enumerate(names)}
 
 
 def _join_texts(mined: pa.Table, corpus_dir: Path) -> pa.Table:

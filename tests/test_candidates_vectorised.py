@@ -180,14 +180,19 @@ def _stage_dir(work: Path, name: str) -> Path:
     return found[0]
 
 
-def _both(work: Path, queries: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
+def _stage_args(work: Path, **kwargs) -> dict:
+    """The candidates stage's arguments over the module run's index files, batches of 7."""
     from hardneg.stages.engines.faiss_index import IndexConfig
     from hardneg.stages.engines.bm25 import BM25Config
 
     args = dict(miners=["dense", "bm25"], range_max=20, rrf_k=60, index_dir=_stage_dir(work, "index"),
                 index_config=IndexConfig(gpu="off"), bm25_dir=_stage_dir(work, "bm25_index"),
                 bm25_config=BM25Config(), batch_size=7)
-    args.update(kwargs)
+    return {**args, **kwargs}
+
+
+def _both(work: Path, queries: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
+    args = _stage_args(work, **kwargs)
     new, old = CandidatesStage(**args), _PerQuery(**args)
     tables = []
     for stage in (new, old):
@@ -273,8 +278,6 @@ def test_batches_side_by_side_write_the_shards_of_one_at_a_time(mined, queries, 
     import threading
 
     from hardneg.pipeline.executors.local import compute_in_process
-    from hardneg.stages.engines.bm25 import BM25Config
-    from hardneg.stages.engines.faiss_index import IndexConfig
     from hardneg.stages.io import ShardWriter
 
     class Recorded(CandidatesStage):
@@ -285,10 +288,7 @@ def test_batches_side_by_side_write_the_shards_of_one_at_a_time(mined, queries, 
     rows = tmp_path / "queries"
     with ShardWriter(rows) as writer:
         writer.write(queries)
-    work = mined / "work"
-    args = dict(miners=["dense", "bm25"], range_max=20, rrf_k=60, index_dir=_stage_dir(work, "index"),
-                index_config=IndexConfig(gpu="off"), bm25_dir=_stage_dir(work, "bm25_index"),
-                bm25_config=BM25Config(), batch_size=7, threads=2)
+    args = _stage_args(mined / "work", threads=2)
     side, alone = Recorded(**args), Recorded(**args)
     alone.local_batches = 1
     for stage, out in ((side, tmp_path / "side"), (alone, tmp_path / "alone")):

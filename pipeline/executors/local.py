@@ -36,33 +36,30 @@ class LocalExecutor:
         pass
 
 
-def compute_in_process(stage: MapStage, input_dir: Path, out_dir: Path, progress: bool) -> int:
+def compute_in_process(stage: MapStage, input_dir: Path, out_dir: Path, progress: bool, total: int | None = None) -> int:
     """Every batch of `input_dir` through the stage in this process, written as shards in input
-    order; the rows written."""
-    with ShardWriter(out_dir) as writer, progress_bar(stage.name, count_rows(input_dir), progress) as bar:
-        batches = iter_batches(input_dir, stage.resources.batch_size)
-        if max(1, int(stage.local_batches)) == 1:
-            for batch in batches:
-                batch_delay_for_tests(stage.name)
-                writer.write(stage(batch))
-                bar.update(batch.num_rows)
-        else:
-            for rows, result in _concurrent(stage, batches):
-                writer.write(result)
-                bar.update(rows)
+    order; the rows written. `total`: the input's rows, where the caller has counted them."""
+    total = count_rows(input_dir) if total is None else total
+    with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, progress) as bar:
+        for rows, result in _results(stage, iter_batches(input_dir, stage.resources.batch_size)):
+            writer.write(result)
+            bar.update(rows)
     return writer.rows
 
 
-def _concurrent(stage: MapStage, batches):
+def _results(stage: MapStage, batches):
     """(input rows, result) of every batch in input order, `stage.local_batches` batches computed
-    at a time."""
-    workers = int(stage.local_batches)
-    stage.ensure_setup()  # once, before the threads share it
+    at a time (one: in this thread)."""
 
     def compute(batch):
         batch_delay_for_tests(stage.name)
         return batch.num_rows, stage(batch)
 
+    workers = stage.local_batches
+    if workers == 1:
+        yield from map(compute, batches)
+        return
+    stage.ensure_setup()  # once, before the threads share it
     pool = ThreadPoolExecutor(workers, thread_name_prefix=f"hardneg-{stage.name}", initializer=stage.enter_batch_thread)
     pending: deque = deque()
     try:

@@ -378,12 +378,12 @@ class RayExecutor:
         if alone:  # as the in-process runner computes it (its `local_batches` included)
             from hardneg.pipeline.executors.local import compute_in_process
 
-            return compute_in_process(stage, input_dir, out_dir, self.progress)
+            return compute_in_process(stage, input_dir, out_dir, self.progress, total)
         workers, stage_ref = None, None
         pending: deque = deque()  # in input order: a worker's result ref, or a table made here
         with ShardWriter(out_dir) as writer, progress_bar(stage.name, total, self.progress) as bar:
             for i, batch in enumerate(iter_batches(input_dir, stage.resources.batch_size)):
-                if workers is None and not alone:
+                if workers is None:
                     workers = self._workers(stage, wait=not helping)
                 if workers is None:
                     batch_delay_for_tests(stage.name)
