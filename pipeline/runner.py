@@ -182,12 +182,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running stages
     @staticmethod
-    def _fingerprint(stage, upstream: list[str]) -> str:
-        return fingerprint(stage.name, stage.version, stage.fingerprint_config(), upstream)
+    def _fingerprint(stage, upstream: list[str], config: dict | None = None) -> str:
+        config = stage.fingerprint_config() if config is None else config
+        return fingerprint(stage.name, stage.version, config, upstream)
 
     def _run(self, stage, upstream: list[str], inputs: dict[str, Path], *, map_input: Path | None = None) -> StageResult:
         """Reuse the stage's output if the work dir has its fingerprint, else compute and commit it."""
-        fp = self._fingerprint(stage, upstream)
+        config = stage.fingerprint_config()
+        fp = self._fingerprint(stage, upstream, config)
         if self.work.is_done(stage.name, fp):
             result = StageResult(stage.name, self.work.path(stage.name, fp), fp, reused=True,
                                  info=self.work.manifest(stage.name, fp).get("info", {}))
@@ -210,7 +212,7 @@ class Pipeline:
                 _test_pause(stage.name)
                 seconds = time.monotonic() - started
                 path = self.work.commit(tmp, stage.name, fp, {
-                    "config": stage.fingerprint_config(), "upstream": upstream,
+                    "config": config, "upstream": upstream,
                     "code_version": CODE_VERSION, "seconds": seconds, "info": info,
                 })
             except BaseException:

@@ -9,6 +9,9 @@ built from the memmap in chunks.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +59,35 @@ def write_vectors(embeddings: Path, row_of: DocIds, path: Path) -> np.memmap:
     dim = embedding_dim(embeddings)
     matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(row_of), dim))
     filled = np.zeros(len(row_of), dtype=bool)
-    for batch in iter_batches(embeddings, 65_536):
-        rows = row_of.rows(batch.column("id").combine_chunks())
-        values = embedding_matrix(batch, dim)
+    for rows, values in _decoded_shards(embeddings, row_of, dim):
         known = rows >= 0  # vectors of ids outside the corpus are not needed
-        matrix[rows[known]] = values[known]
-        filled[rows[known]] = True
+        if not known.all():
+            rows, values = rows[known], values[known]
+        matrix[rows] = values
+        filled[rows] = True
         release_pages(matrix)  # written pages go to the file, not this process's memory
     if not filled.all():
         raise ValueError(f"{int((~filled).sum())} corpus documents have no embedding")
-    matrix.flush()
+    # No msync: like every shard in the work dir, the file is whole in the page cache once written
+    # (a killed process loses none of it), and the stage's manifest, written last, marks it done.
     del matrix
     return np.load(path, mmap_mode="r")
+
+
+def _decoded_shards(embeddings: Path, row_of: DocIds, dim: int, ahead: int = 2):
+    """(corpus rows, vectors) of each row group of the embedding shards, in file order: the next
+    `ahead` are read and decoded in threads (Parquet decoding releases the GIL) while the caller
+    writes the current one. Decoding was the larger half of this stage's single-threaded copy."""
+
+    def decode(unit: tuple[Path, int]) -> tuple[np.ndarray, np.ndarray]:
+        table = pq.ParquetFile(unit[0]).read_row_group(unit[1], columns=["id", "embedding"], use_threads=False)
+        return row_of.rows(table.column("id").combine_chunks()), embedding_matrix(table, dim)
+
+    units = iter([(f, g) for f in parquet_files(embeddings) for g in range(pq.ParquetFile(f).num_row_groups)])
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending = deque(pool.submit(decode, unit) for unit in islice(units, ahead))
+        while pending:
+            done = pending.popleft()
+            for unit in islice(units, 1):
+                pending.append(pool.submit(decode, unit))
+            yield done.result()

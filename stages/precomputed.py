@@ -38,8 +38,10 @@ class PrecomputedEmbeddings(GlobalStage):
         self.path = Path(path)
 
     def fingerprint_config(self) -> dict[str, Any]:
-        extra = self.path.with_suffix(".ids.txt")
-        return {"vectors": file_fingerprint(self.path), "ids": file_fingerprint(extra) if extra.exists() else None}
+        if not hasattr(self, "_hashes"):  # hashed once: the runner asks more than once per run
+            extra = self.path.with_suffix(".ids.txt")
+            self._hashes = {"vectors": file_fingerprint(self.path), "ids": file_fingerprint(extra) if extra.exists() else None}
+        return self._hashes
 
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
         rows = 0

@@ -291,3 +291,39 @@ def test_search_breadth_is_calibrated_on_the_queries_not_the_corpus(tmp_path: Pa
     assert recall(at_build, truth) < 0.95 <= recall(calibrated, truth)
     # A value fixed in the config is left alone.
     assert calibrate_on_queries(tmp_path / "faiss", vectors, sample, cfg.model_copy(update={"nprobe": 4}), k=100) is None
+
+
+def test_vectors_file_places_each_shards_vectors_at_their_corpus_rows(tmp_path: Path) -> None:
+    """The index stage's vectors file: row groups of several shards, decoded ahead in threads,
+    land at their documents' corpus rows; ids outside the corpus are skipped; a repeated id keeps
+    its last vector in file order (as one sequential pass would); a document without a vector is
+    an error."""
+    import pyarrow as pa
+
+    from hardneg.stages.index import write_vectors
+    from hardneg.stages.io import DocIds, ShardWriter
+
+    n, d = 1_000, 8
+    vectors = random_unit(n, d, 0)
+    corpus = DocIds(pa.array([f"d{i}" for i in range(n)]))
+    order = np.random.default_rng(1).permutation(n)
+    ids = [f"d{i}" for i in order] + ["elsewhere", f"d{order[0]}"]
+    repeat = random_unit(1, d, 2)[0]
+    rows = np.vstack([vectors[order], random_unit(1, d, 3), repeat[None]])
+
+    def table(lo: int, hi: int) -> pa.Table:
+        return pa.table({"id": ids[lo:hi], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows[lo:hi].ravel()), d)})
+
+    with ShardWriter(tmp_path / "emb", rows_per_shard=300) as writer:
+        for lo in range(0, len(ids), 70):  # a row group per write: several per shard
+            writer.write(table(lo, min(lo + 70, len(ids))))
+    assert len(list((tmp_path / "emb").glob("*.parquet"))) == 4
+    matrix = write_vectors(tmp_path / "emb", corpus, tmp_path / "vectors.npy")
+    expected = vectors.copy()
+    expected[order[0]] = repeat
+    assert np.array_equal(np.asarray(matrix), expected)
+
+    with ShardWriter(tmp_path / "short") as writer:
+        writer.write(table(0, n - 1))
+    with pytest.raises(ValueError, match="1 corpus documents have no embedding"):
+        write_vectors(tmp_path / "short", corpus, tmp_path / "short.npy")
