@@ -315,3 +315,7 @@ def test_numba_kernels_equal_the_numpy_code(cranfield, monkeypatch):
         monkeypatch.setattr(bm25_engine, "DENSE_SCORE_CELLS", cells)
         old, new = both(lambda: idx.score_rows(tokens, q, rows))
         assert (old > 0).any() and np.array_equal(old, new) and new.dtype == np.float64, cells
+    # Pairs not grouped by query: the kernel's per-query term map is rebuilt at every change.
+    shuffled = rng.permutation(len(q))
+    old, new = both(lambda: idx.score_rows(tokens, q[shuffled], rows[shuffled]))
+    assert np.array_equal(old, new)
