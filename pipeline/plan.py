@@ -37,6 +37,9 @@ class Node:
     when: Callable[[Inputs], bool] | None = None
     check: Callable[[StageResult], None] | None = None  # after it ran or was reused
     final: bool = False  # written to the output folder (not the work dir)
+    # A global stage computed in a thread as soon as its inputs are done, beside the nodes before
+    # it; still committed (and logged) in plan order, so the work dir changes as in a sequential run.
+    ahead: bool = False
 
     def sources(self) -> list[str]:
         return [ref.partition("/")[0] for ref in self.inputs.values()]
@@ -165,7 +168,9 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
     if bm25:
         from hardneg.stages.engines.bm25 import BM25IndexStage
 
-        nodes.append(Node("bm25_index", lambda i: BM25IndexStage(c.bm25), {"corpus": "ingest/corpus"}))
+        # Reads only the corpus: tokenised and indexed while the corpus is embedded and indexed
+        # (at a million documents that left part of a core idle; this one fills it).
+        nodes.append(Node("bm25_index", lambda i: BM25IndexStage(c.bm25), {"corpus": "ingest/corpus"}, ahead=True))
     nodes.append(Node("calibrate", lambda i: CalibrateStage(c.index, k=c.range_max, seed=c.seed),
                       {"index": "index", "queries": queries}, when=lambda i: needs_calibration(c.index, i["index"])))
     nodes.append(Node("candidates", lambda i: CandidatesStage(

@@ -122,3 +122,49 @@ def test_ingest_fingerprints_are_unchanged():
         "e5714a6ddc5696f57f26dd0cf6f12ce09ba3f099d893e755593ab7855ef3814a")
     assert stage.part_fingerprint("corpus") == "588108939601eca1fcb5d3e129233c941d169734fd8f871ba63a0e827455ad4d"
     assert stage.part_fingerprint("queries") is None
+
+
+def test_bm25_index_is_computed_beside_the_index_and_committed_in_plan_order(small_beir, tmp_path, monkeypatch):
+    """bm25_index reads only the corpus: it computes in its own thread while the dense index is
+    built (the index stage here waits until it has started: a sequential run would time out),
+    and is still committed and logged after index, as the plan lists them. An error in it fails
+    the run with that error and leaves no temp folder."""
+    import threading
+
+    from hardneg import run_mine
+    from hardneg.stages.engines.bm25 import BM25IndexStage
+    from hardneg.stages.index import IndexStage
+
+    bm25_started = threading.Event()
+    seen: dict[str, str] = {}
+    index_run, bm25_run = IndexStage.run, BM25IndexStage.run
+
+    def index_waits_for_bm25(self, inputs, out_dir):
+        seen["index waited"] = bm25_started.wait(timeout=60)
+        return index_run(self, inputs, out_dir)
+
+    def bm25_in_its_thread(self, inputs, out_dir):
+        seen["bm25 thread"] = threading.current_thread().name
+        bm25_started.set()
+        return bm25_run(self, inputs, out_dir)
+
+    monkeypatch.setattr(IndexStage, "run", index_waits_for_bm25)
+    monkeypatch.setattr(BM25IndexStage, "run", bm25_in_its_thread)
+    config = MineConfig(beir=small_beir, out=tmp_path / "out", work_dir=tmp_path / "work", runner="local",
+                        miners="dense,bm25", num_negatives=2)
+    result = run_mine(config, progress=False)
+    assert seen == {"index waited": True, "bm25 thread": "hardneg-bm25_index"}
+    names = [s.name for s in result.stages]
+    assert names.index("index") < names.index("bm25_index") < names.index("candidates")
+    assert not list((tmp_path / "work").glob(".tmp-*"))
+
+    def bm25_fails(self, inputs, out_dir):
+        raise ValueError("the BM25 build failed")
+
+    monkeypatch.setattr(BM25IndexStage, "run", bm25_fails)
+    monkeypatch.setattr(IndexStage, "run", index_run)
+    config = MineConfig(beir=small_beir, out=tmp_path / "out2", work_dir=tmp_path / "work2", runner="local",
+                        miners="dense,bm25", num_negatives=2)
+    with pytest.raises(ValueError, match="the BM25 build failed"):
+        run_mine(config, progress=False)
+    assert not list((tmp_path / "work2").glob(".tmp-*"))
