@@ -76,8 +76,8 @@ class _Ahead:
     """A global stage computing into its temp folder in a daemon thread (a `Node.ahead`), while the
     main thread runs the nodes before it; the main thread joins it and commits it in plan order."""
 
-    def __init__(self, stage, inputs: dict[str, Path], tmp: Path) -> None:
-        self.stage, self.tmp = stage, tmp
+    def __init__(self, stage, inputs: dict[str, Path], tmp: Path, beside: tuple[str, ...]) -> None:
+        self.stage, self.tmp, self.beside = stage, tmp, beside
         self.seconds = 0.0
         self._info: dict[str, Any] | None = None
         self._error: BaseException | None = None
@@ -95,6 +95,7 @@ class _Ahead:
         self.seconds = time.monotonic() - started
 
     def result(self) -> dict[str, Any]:
+        """Its output's info, once computed (joins the thread; re-raises its error)."""
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -314,7 +315,10 @@ class Pipeline:
         ahead: dict[str, _Ahead] = {}
         try:
             for at, node in enumerate(nodes):
-                self._start_ahead(nodes[at:], done, ahead)
+                self._start_ahead(node, nodes[at:], done, ahead)
+                for computing in ahead.values():
+                    if node.name != computing.stage.name and node.name not in computing.beside:
+                        computing.result()  # joined (an error fails the run here) before `node` starts
                 inputs, upstream = done.resolve(node)
                 if node.when is not None and not node.when(inputs):
                     continue
@@ -338,16 +342,17 @@ class Pipeline:
             raise
         return done
 
-    def _start_ahead(self, nodes: list[Node], done: _Done, ahead: dict[str, _Ahead]) -> None:
-        """Start each `ahead` node whose inputs are all done and whose output is not cached."""
+    def _start_ahead(self, current: Node, nodes: list[Node], done: _Done, ahead: dict[str, _Ahead]) -> None:
+        """Start each `ahead` node that may run beside `current`, whose inputs are all done and
+        whose output is not cached."""
         for node in nodes:
-            if not node.ahead or node.name in ahead or node.name in done.built or node.when is not None \
-                    or node.rows or not all(source in done.results for source in node.sources()):
+            if current.name not in node.ahead or node.name in ahead or node.name in done.built \
+                    or node.when is not None or node.rows or not all(s in done.results for s in node.sources()):
                 continue
             inputs, upstream = done.resolve(node)
             stage = done.built[node.name] = node.build(inputs)
             if not self.work.is_done(stage.name, self._fingerprint(stage, upstream)):
-                ahead[node.name] = _Ahead(stage, inputs, self.work.new_temp(stage.name))
+                ahead[node.name] = _Ahead(stage, inputs, self.work.new_temp(stage.name), node.ahead)
 
     def _prepare_models(self, nodes: list[Node], done: _Done) -> None:
         """Start the model workers of the stages that read only stages without inputs (the

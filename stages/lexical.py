@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from hardneg.stages.base import MapStage, Resources
 from hardneg.stages.filters import LEXICAL_COLUMN, _list_column
-from hardneg.stages.io import lists_like
+from hardneg.stages.io import DocIds, lists_like
 
 
 class PositiveLexicon:
@@ -41,6 +41,7 @@ class PositiveLexicon:
         table = pa.concat_tables(found) if found else pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
         self._ids = table.column("doc_id").combine_chunks()
         self._texts = table.column("text").combine_chunks()
+        self._rows = DocIds(self._ids)  # id -> position in _texts (ingest wrote each id once)
 
     @property
     def texts(self) -> dict[str, str]:
@@ -64,10 +65,11 @@ class PositiveLexicon:
         starts = np.cumsum(counts) - counts
         positives = _list_column(batch, "positive_ids")
         pos_group = pc.list_parent_indices(positives).to_numpy().astype(np.int64)
-        index = pc.index_in(pc.list_flatten(positives), value_set=self._ids)
-        has = index.is_valid().to_numpy(zero_copy_only=False)
-        at = index.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[has]
-        pos_group = pos_group[has]
+        # A binary search of the sorted ids: `index_in` hashed every positive id again per batch.
+        flat = pc.list_flatten(positives)
+        at = self._rows.rows(flat) if len(self._ids) else np.full(len(flat), -1, dtype=np.int64)
+        has = at >= 0
+        at, pos_group = at[has], pos_group[has]
         best = np.full(int(counts.sum()), -np.inf)
         per_positive = counts[pos_group]
         if len(best) and per_positive.sum():

@@ -124,36 +124,45 @@ def test_ingest_fingerprints_are_unchanged():
     assert stage.part_fingerprint("queries") is None
 
 
-def test_bm25_index_is_computed_beside_the_index_and_committed_in_plan_order(small_beir, tmp_path, monkeypatch):
-    """bm25_index reads only the corpus: it computes in its own thread while the dense index is
-    built (the index stage here waits until it has started: a sequential run would time out),
-    and is still committed and logged after index, as the plan lists them. An error in it fails
-    the run with that error and leaves no temp folder."""
+def test_bm25_index_is_computed_beside_the_embedding_and_committed_in_plan_order(small_beir, tmp_path, monkeypatch):
+    """bm25_index reads only the corpus: it computes in its own thread while the queries and the
+    corpus are embedded (the embedding here waits until it has started: a sequential run would
+    time out), is finished before the index build starts (their memory peaks would add), and is
+    committed and logged after index, as the plan lists them. An error in it fails the run with
+    that error and leaves no temp folder."""
     import threading
 
     from hardneg import run_mine
+    from hardneg.stages.embed import EmbedStage
     from hardneg.stages.engines.bm25 import BM25IndexStage
     from hardneg.stages.index import IndexStage
 
-    bm25_started = threading.Event()
-    seen: dict[str, str] = {}
-    index_run, bm25_run = IndexStage.run, BM25IndexStage.run
+    started, finished = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+    embed, index_run, bm25_run = EmbedStage.transform, IndexStage.run, BM25IndexStage.run
 
-    def index_waits_for_bm25(self, inputs, out_dir):
-        seen["index waited"] = bm25_started.wait(timeout=60)
+    def embed_waits_for_bm25(self, batch):
+        seen.setdefault("embedding waited", started.wait(timeout=60))
+        return embed(self, batch)
+
+    def index_after_bm25(self, inputs, out_dir):
+        seen["bm25 done before index"] = finished.is_set()
         return index_run(self, inputs, out_dir)
 
     def bm25_in_its_thread(self, inputs, out_dir):
         seen["bm25 thread"] = threading.current_thread().name
-        bm25_started.set()
-        return bm25_run(self, inputs, out_dir)
+        started.set()
+        info = bm25_run(self, inputs, out_dir)
+        finished.set()
+        return info
 
-    monkeypatch.setattr(IndexStage, "run", index_waits_for_bm25)
+    monkeypatch.setattr(EmbedStage, "transform", embed_waits_for_bm25)
+    monkeypatch.setattr(IndexStage, "run", index_after_bm25)
     monkeypatch.setattr(BM25IndexStage, "run", bm25_in_its_thread)
     config = MineConfig(beir=small_beir, out=tmp_path / "out", work_dir=tmp_path / "work", runner="local",
                         miners="dense,bm25", num_negatives=2)
     result = run_mine(config, progress=False)
-    assert seen == {"index waited": True, "bm25 thread": "hardneg-bm25_index"}
+    assert seen == {"embedding waited": True, "bm25 thread": "hardneg-bm25_index", "bm25 done before index": True}
     names = [s.name for s in result.stages]
     assert names.index("index") < names.index("bm25_index") < names.index("candidates")
     assert not list((tmp_path / "work").glob(".tmp-*"))
@@ -162,6 +171,7 @@ def test_bm25_index_is_computed_beside_the_index_and_committed_in_plan_order(sma
         raise ValueError("the BM25 build failed")
 
     monkeypatch.setattr(BM25IndexStage, "run", bm25_fails)
+    monkeypatch.setattr(EmbedStage, "transform", embed)
     monkeypatch.setattr(IndexStage, "run", index_run)
     config = MineConfig(beir=small_beir, out=tmp_path / "out2", work_dir=tmp_path / "work2", runner="local",
                         miners="dense,bm25", num_negatives=2)
