@@ -37,10 +37,6 @@ class Node:
     when: Callable[[Inputs], bool] | None = None
     check: Callable[[StageResult], None] | None = None  # after it ran or was reused
     final: bool = False  # written to the output folder (not the work dir)
-    # A global stage computed in a thread as soon as its inputs are done, beside these nodes (it is
-    # joined before any other starts); still committed and logged in plan order, so the work dir
-    # changes as in a sequential run.
-    ahead: tuple[str, ...] = ()
 
     def sources(self) -> list[str]:
         return [ref.partition("/")[0] for ref in self.inputs.values()]
@@ -169,10 +165,7 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
     if bm25:
         from hardneg.stages.engines.bm25 import BM25IndexStage
 
-        # Reads only the corpus: built while the queries and the corpus are embedded. Not beside
-        # the index build: their memory peaks would add (4.3 + 8.8 GiB at 8.8M documents).
-        nodes.append(Node("bm25_index", lambda i: BM25IndexStage(c.bm25), {"corpus": "ingest/corpus"},
-                          ahead=("embed_queries", "embed_corpus", "query_vectors", "corpus_vectors")))
+        nodes.append(Node("bm25_index", lambda i: BM25IndexStage(c.bm25), {"corpus": "ingest/corpus"}))
     nodes.append(Node("calibrate", lambda i: CalibrateStage(c.index, k=c.range_max, seed=c.seed),
                       {"index": "index", "queries": queries}, when=lambda i: needs_calibration(c.index, i["index"])))
     nodes.append(Node("candidates", lambda i: CandidatesStage(

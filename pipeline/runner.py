@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from hardneg.pipeline.config import ConfigError, MineConfig
-from hardneg.pipeline.errors import Interrupted
 from hardneg.pipeline.executors import hook_seconds_for_tests
 from hardneg.pipeline.plan import Machine, Node, index_plan, mine_plan
 from hardneg.pipeline.store import (CODE_VERSION, FileLock, WorkDir, commit_dir, default_work_dir, fingerprint,
@@ -70,42 +68,6 @@ class _Done:
                 narrower = self.stages[source].part_fingerprint(part) if part else None
                 upstream.append(narrower or result.fingerprint)
         return inputs, upstream
-
-
-class _Ahead:
-    """A global stage computing into its temp folder in a daemon thread (a `Node.ahead`), while the
-    main thread runs the nodes before it; the main thread joins it and commits it in plan order."""
-
-    def __init__(self, stage, inputs: dict[str, Path], tmp: Path, beside: tuple[str, ...]) -> None:
-        self.stage, self.tmp, self.beside = stage, tmp, beside
-        self.seconds = 0.0
-        self._info: dict[str, Any] | None = None
-        self._error: BaseException | None = None
-        # A daemon: an interrupted run exits without waiting for it (its temp folder is cleaned by
-        # the next run, as any interrupted stage's).
-        self._thread = threading.Thread(target=self._compute, args=(inputs,), name=f"hardneg-{stage.name}", daemon=True)
-        self._thread.start()
-
-    def _compute(self, inputs: dict[str, Path]) -> None:
-        started = time.monotonic()
-        try:
-            self._info = self.stage.run(inputs, self.tmp) or {}
-        except BaseException as e:  # re-raised in the main thread by result()
-            self._error = e
-        self.seconds = time.monotonic() - started
-
-    def result(self) -> dict[str, Any]:
-        """Its output's info, once computed (joins the thread; re-raises its error)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._info
-
-    def abandon(self, wait: bool) -> None:
-        """The run failed elsewhere: wait for the thread (unless interrupted), drop its output."""
-        if wait:
-            self._thread.join()
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _test_pause(stage: str) -> None:
@@ -224,26 +186,19 @@ class Pipeline:
         config = stage.fingerprint_config() if config is None else config
         return fingerprint(stage.name, stage.version, config, upstream)
 
-    def _run(self, stage, upstream: list[str], inputs: dict[str, Path], *, map_input: Path | None = None,
-             ahead: _Ahead | None = None) -> StageResult:
-        """Reuse the stage's output if the work dir has its fingerprint, else compute and commit it
-        (or commit what `ahead` computed)."""
+    def _run(self, stage, upstream: list[str], inputs: dict[str, Path], *, map_input: Path | None = None) -> StageResult:
+        """Reuse the stage's output if the work dir has its fingerprint, else compute and commit it."""
         config = stage.fingerprint_config()
         fp = self._fingerprint(stage, upstream, config)
         if self.work.is_done(stage.name, fp):
             result = StageResult(stage.name, self.work.path(stage.name, fp), fp, reused=True,
                                  info=self.work.manifest(stage.name, fp).get("info", {}))
             log.info("%-16s reused  (%s)", stage.name, fp[:12])
-            if ahead is not None:  # cannot happen under the work dir's lock; never leave it running
-                ahead.abandon(wait=True)
         else:
             started = time.monotonic()
-            tmp = ahead.tmp if ahead is not None else self.work.new_temp(stage.name)
+            tmp = self.work.new_temp(stage.name)
             try:
-                if ahead is not None:
-                    info = ahead.result()
-                    started = time.monotonic() - ahead.seconds  # its own time, not the wait
-                elif isinstance(stage, MapStage):
+                if isinstance(stage, MapStage):
                     executor = self.executor
                     # A cheap per-query stage runs in the driver: re-tuning it never starts Ray.
                     if stage.in_process and self.executor.name != "local":
@@ -312,47 +267,21 @@ class Pipeline:
         the nodes' declarations."""
         done = _Done()
         self._prepare_models(nodes, done)
-        ahead: dict[str, _Ahead] = {}
-        try:
-            for at, node in enumerate(nodes):
-                self._start_ahead(node, nodes[at:], done, ahead)
-                for computing in ahead.values():
-                    if node.name != computing.stage.name and node.name not in computing.beside:
-                        computing.result()  # joined (an error fails the run here) before `node` starts
-                inputs, upstream = done.resolve(node)
-                if node.when is not None and not node.when(inputs):
-                    continue
-                stage = done.built.pop(node.name, None) or node.build(inputs)
-                if node.final:
-                    # Nothing after the final node runs on workers: let them stop while it writes.
-                    self.executor.close()
-                    done.stats = self._write_output(stage, upstream, inputs)
-                    continue
-                result = self._run(stage, upstream, inputs, map_input=inputs.get(node.rows) if node.rows else None,
-                                   ahead=ahead.pop(node.name, None))
-                if node.check is not None:
-                    node.check(result)
-                done.add(node.name, stage, result)
-        except BaseException as e:
-            # An error: the thread is waited for, so nothing writes in the work dir after the run
-            # returned. An interrupt (Ctrl-C, SIGTERM) exits at once.
-            interrupted = not isinstance(e, Exception) or isinstance(e, Interrupted)
-            for computing in ahead.values():
-                computing.abandon(wait=not interrupted)
-            raise
-        return done
-
-    def _start_ahead(self, current: Node, nodes: list[Node], done: _Done, ahead: dict[str, _Ahead]) -> None:
-        """Start each `ahead` node that may run beside `current`, whose inputs are all done and
-        whose output is not cached."""
         for node in nodes:
-            if current.name not in node.ahead or node.name in ahead or node.name in done.built \
-                    or node.when is not None or node.rows or not all(s in done.results for s in node.sources()):
-                continue
             inputs, upstream = done.resolve(node)
-            stage = done.built[node.name] = node.build(inputs)
-            if not self.work.is_done(stage.name, self._fingerprint(stage, upstream)):
-                ahead[node.name] = _Ahead(stage, inputs, self.work.new_temp(stage.name), node.ahead)
+            if node.when is not None and not node.when(inputs):
+                continue
+            stage = done.built.pop(node.name, None) or node.build(inputs)
+            if node.final:
+                # Nothing after the final node runs on workers: let them stop while it writes.
+                self.executor.close()
+                done.stats = self._write_output(stage, upstream, inputs)
+                continue
+            result = self._run(stage, upstream, inputs, map_input=inputs.get(node.rows) if node.rows else None)
+            if node.check is not None:
+                node.check(result)
+            done.add(node.name, stage, result)
+        return done
 
     def _prepare_models(self, nodes: list[Node], done: _Done) -> None:
         """Start the model workers of the stages that read only stages without inputs (the

@@ -86,6 +86,18 @@ class VectorFile:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @classmethod
+    def behind(cls, array: np.ndarray) -> "VectorFile | None":
+        """The file of a whole-file 2-D .npy memmap (as np.load(mmap_mode="r") returns), else None."""
+        if not (isinstance(array, np.memmap) and array.filename and array.ndim == 2 and array.flags.c_contiguous):
+            return None
+        try:
+            source = cls(Path(array.filename))
+        except (OSError, ValueError):
+            return None
+        whole = source.shape == array.shape and source._base == array.offset and source._matrix.dtype == array.dtype
+        return source if whole else None
+
     def _release(self, first_row: int, stop_row: int) -> None:
         handle = getattr(self._matrix, "_mmap", None)
         if not isinstance(handle, mmap.mmap) or not hasattr(handle, "madvise"):

@@ -82,7 +82,9 @@ class PrecomputedQueryVectors(MapStage):
         self.resources = Resources(num_cpus=1, batch_size=4096)
 
     def fingerprint_config(self) -> dict[str, Any]:
-        return PrecomputedEmbeddings(Path(self.path)).fingerprint_config()
+        if not hasattr(self, "_hashes"):  # hashed once, as PrecomputedEmbeddings does
+            self._hashes = PrecomputedEmbeddings(Path(self.path)).fingerprint_config()
+        return self._hashes
 
     def setup(self) -> None:
         path = Path(self.path)

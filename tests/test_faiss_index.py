@@ -227,6 +227,12 @@ def test_build_from_memmap_npy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     np.save(tmp_path / "emb.npy", x)
     mm = np.load(tmp_path / "emb.npy", mmap_mode="r")
     assert isinstance(mm, np.memmap) and not mm.flags.writeable
+    # The IVF training sample is read from the file by pread only when the memmap is the whole
+    # file: a slice of it (other rows, same file) or an array in memory is indexed as given.
+    from hardneg.stages.io import VectorFile
+
+    assert VectorFile.behind(mm) is not None
+    assert VectorFile.behind(mm[1000:]) is None and VectorFile.behind(mm[:, :16]) is None and VectorFile.behind(x) is None
     for cfg, name in [(IndexConfig(shard_size=2500), "flat"), (IndexConfig(index="IVF32,Flat"), "ivf")]:
         a = build_and_load(mm, cfg, tmp_path / f"{name}-mm")
         b = build_and_load(x, cfg, tmp_path / f"{name}-ram")
