@@ -88,6 +88,7 @@ def _decoded_shards(embeddings: Path, row_of: DocIds, dim: int, ahead: int = 2):
         pending = deque(pool.submit(decode, unit) for unit in islice(units, ahead))
         while pending:
             done = pending.popleft()
-            for unit in islice(units, 1):
-                pending.append(pool.submit(decode, unit))
+            following = next(units, None)
+            if following is not None:
+                pending.append(pool.submit(decode, following))
             yield done.result()

@@ -261,8 +261,8 @@ class DocIds:
 
     def rows(self, ids: pa.Array) -> np.ndarray:
         """Row of each id, -1 for ids not in the corpus."""
-        if len(ids) == 0:
-            return np.zeros(0, dtype=np.int64)
+        if len(ids) == 0 or len(self.rank) == 0:  # nothing to find, or nowhere to find it
+            return np.full(len(ids), -1, dtype=np.int64)
         values = id_bytes(ids)
         if values.dtype.itemsize > self._sorted.dtype.itemsize:
             too_long = pc.binary_length(ids.cast(pa.binary())).to_numpy(zero_copy_only=False) > self._sorted.dtype.itemsize

@@ -66,8 +66,7 @@ class PositiveLexicon:
         positives = _list_column(batch, "positive_ids")
         pos_group = pc.list_parent_indices(positives).to_numpy().astype(np.int64)
         # A binary search of the sorted ids: `index_in` hashed every positive id again per batch.
-        flat = pc.list_flatten(positives)
-        at = self._rows.rows(flat) if len(self._ids) else np.full(len(flat), -1, dtype=np.int64)
+        at = self._rows.rows(pc.list_flatten(positives))
         has = at >= 0
         at, pos_group = at[has], pos_group[has]
         best = np.full(int(counts.sum()), -np.inf)

@@ -334,3 +334,16 @@ def test_a_model_openvino_cannot_run_fails_in_one_line_naming_the_way_out(tmp_pa
     with pytest.raises(ModelLoadError, match=r"OpenVINO cannot convert it \(RuntimeError: unsupported operation aten::custom_op\); set embed_backend: torch$"):
         stage._open_openvino()
     embed._MODELS.clear()
+
+
+def test_doc_ids_find_rows_by_id_and_none_in_an_empty_corpus():
+    """id -> row by binary search: ids outside the corpus (and every id, when the corpus is empty,
+    as for a run whose positives have no text) are -1."""
+    import pyarrow as pa
+
+    from hardneg.stages.io import DocIds
+
+    ids = DocIds(pa.array(["d10", "d2", "a-long-document-id", "d1"]))
+    assert ids.rows(pa.array(["d1", "x", "d10", "a-long-document-id", "d2"])).tolist() == [3, -1, 0, 2, 1]
+    assert DocIds(pa.array([], pa.string())).rows(pa.array(["d1", "d2"])).tolist() == [-1, -1]
+    assert ids.rows(pa.array([], pa.string())).tolist() == []

@@ -62,7 +62,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from hardneg.stages.engines import lazy_module
-from hardneg.stages.io import release_pages
+from hardneg.stages.io import VectorFile, release_pages
 
 faiss = lazy_module("faiss")  # 0.2 s to import: paid only by the stages that build or search
 
@@ -165,8 +165,6 @@ def _scattered_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     with pread (VectorFile.take): gathering a random sample through the mapping faulted in the
     pages around every row (the kernel's fault-around), which held most of the file resident at
     once (+1.3 GiB at a million 384-d vectors: the index stage's peak)."""
-    from hardneg.stages.io import VectorFile
-
     source = VectorFile.behind(vectors)
     return np.ascontiguousarray(source.take(rows) if source is not None else vectors[rows], dtype=np.float32)
 
