@@ -223,11 +223,11 @@ class MineConfig(BaseModel):
             if path is not None:
                 check_table_format(Path(path), what)
         if self.index.gpu == "on":
-            from hardneg.stages.engines.faiss_index import gpu_available
+            from hardneg.stages.engines.faiss_index import gpu_status
 
-            if not gpu_available():
-                raise ConfigError("index.gpu=on but faiss sees no usable GPU (it needs faiss-gpu and a visible CUDA "
-                                  "device): use index.gpu=auto or off")
+            usable, why = gpu_status()
+            if not usable:
+                raise ConfigError(f"index.gpu=on but faiss cannot use a GPU here ({why}): use index.gpu=auto or off")
         if self.corpus_embeddings is not None and not self.corpus_embeddings.exists():
             raise ConfigError(f"corpus embeddings not found: {self.corpus_embeddings}")
         if require_out and self.out is None:

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from hardneg.stages.engines import faiss_index
-from hardneg.stages.engines.faiss_index import AnnIndex, IndexConfig, build_index, gpu_available
+from hardneg.stages.engines.faiss_index import AnnIndex, IndexConfig, build_index, gpu_available, gpu_status, run_in_child
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
@@ -196,6 +196,24 @@ def test_gpu_on_without_gpu_raises(tmp_path: Path) -> None:
     build_index(x, IndexConfig(), tmp_path)
     with pytest.raises(ValueError, match="gpu='on'"):
         AnnIndex.load(tmp_path, IndexConfig(gpu="on"))
+
+
+def test_gpu_status_says_in_one_line_why_no_gpu_is_used() -> None:
+    usable, why = gpu_status()
+    if usable:
+        pytest.skip("faiss can use a GPU here")
+    assert why and "\n" not in why
+
+
+def test_a_gpu_check_whose_process_aborts_is_reported_not_fatal() -> None:
+    # What faiss does on a GPU it has no kernels for (PyPI's faiss-gpu-cu12 on an H200, seen on
+    # the device): FAISS_ASSERT prints the CUDA error and aborts the process.
+    aborts = ("import os, sys\nsys.stderr.write(\"Faiss assertion 'err__ == cudaSuccess' failed in runL2Norm; "
+              "details: CUDA error 209 no kernel image is available for execution on the device\\n\")\nos.abort()")
+    assert run_in_child(aborts) == (False, "CUDA error 209 no kernel image is available for execution on the device")
+    assert run_in_child("pass") == (True, "")
+    usable, why = run_in_child("import time\ntime.sleep(30)", timeout=0.5)
+    assert not usable and "did not finish" in why
 
 
 @pytest.mark.gpu

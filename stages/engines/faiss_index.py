@@ -49,10 +49,13 @@ HNSW insertion is multi-threaded in faiss and is not guaranteed to be bit-reprod
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +97,51 @@ class IndexConfig(BaseModel):
 
 
 def gpu_available() -> bool:
-    """True when faiss was built with GPU support and sees at least one GPU."""
+    """True when faiss can build and search on a GPU here (see `gpu_status`)."""
+    return gpu_status()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_status() -> tuple[bool, str]:
+    """(usable, why not): faiss was built with GPU support, sees a GPU, and runs its kernels on
+    it. The last is tried once per process, in a child process: a faiss build without kernels
+    for the GPU's architecture (PyPI's faiss-gpu-cu12 has none for Hopper, sm_90) aborts the
+    whole process on its first GPU call, which no except clause can catch."""
     try:
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:  # a broken CUDA setup must not take the CPU path down with it
-        return False
+        if not hasattr(faiss, "StandardGpuResources"):
+            return False, "this faiss has no GPU support (faiss-cpu)"
+        if faiss.get_num_gpus() < 1:
+            return False, "faiss sees no GPU"
+    except Exception as err:  # a broken CUDA setup must not take the CPU path down with it
+        return False, f"faiss cannot query its GPUs: {err}"
+    usable, why = run_in_child(_GPU_PROBE)
+    if not usable:
+        log.warning("faiss sees a GPU but cannot run on it (%s): the index builds and searches on the CPU", why)
+    return usable, why
+
+
+# A tiny exact search on every visible GPU: the kernels the index uses, on the devices it would use.
+_GPU_PROBE = (
+    "import faiss, numpy as np\n"
+    "x = np.eye(8, 64, dtype='float32')\n"
+    "index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(64))\n"
+    "index.add(x)\n"
+    "assert index.search(x, 1)[1][:, 0].tolist() == list(range(8)), 'wrong GPU search results'\n"
+)
+
+
+def run_in_child(code: str, timeout: float = 300.0) -> tuple[bool, str]:
+    """Run Python `code` in a child process: (it exited 0, its last error line otherwise)."""
+    try:
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"a GPU check did not finish in {timeout:.0f} s"
+    if child.returncode == 0:
+        return True, ""
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    # faiss's assertions end in "details: <the CUDA error>": that part says what went wrong.
+    last = lines[-1].rsplit("details: ", 1)[-1] if lines else f"exit status {child.returncode}"
+    return False, last[:300]
 
 
 def auto_factory(n: int, d: int, n_train: int, storage: str) -> str:
@@ -122,12 +165,9 @@ def _pq_m(d: int) -> int:
 def _use_gpu(cfg: IndexConfig) -> bool:
     if cfg.gpu == "off":
         return False
-    available = gpu_available()
+    available, why = gpu_status()
     if cfg.gpu == "on" and not available:
-        raise ValueError(
-            "IndexConfig.gpu='on' but no GPU is usable: faiss needs GPU support "
-            "(faiss-gpu) and a visible CUDA device; use gpu='auto' or 'off'"
-        )
+        raise ValueError(f"IndexConfig.gpu='on' but no GPU is usable ({why}); use gpu='auto' or 'off'")
     return available
 
 
