@@ -662,13 +662,14 @@ def test_index_gpu_accepts_on_and_off_as_the_readme_writes_them(tmp_path):
 
 
 def test_index_gpu_on_without_a_gpu_fails_at_config_time(tmp_path, small, tiny):
-    from hardneg.stages.engines.faiss_index import gpu_available
+    from hardneg.stages.engines.faiss_index import gpu_available, gpu_status
 
     if gpu_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "o" / "out"
     message = _fatal(_args(small, out, tmp_path / "w", tiny, "--set", "index.gpu=on"), out)
     assert "index.gpu=on" in message and "GPU" in message, message
+    assert gpu_status()[1] in message, message  # why faiss cannot use one here
     assert not (tmp_path / "w").exists()
 
 
