@@ -38,3 +38,19 @@ def test_scale_quick_prints_every_stage_with_memory_and_recall() -> None:
     assert abs(sum(r[3] for r in rows.values()) - 100) < 1.0, out  # the shares add up
     recall = float(re.search(r"recall@100 ([\d.]+)", out).group(1))
     assert recall >= 0.95
+
+
+def test_gpu_check_builds_and_searches_on_the_cpu_and_says_why_the_gpu_half_skipped() -> None:
+    import json
+
+    from hardneg.stages.engines.faiss_index import gpu_status
+
+    if gpu_status()[0]:
+        pytest.skip("faiss can use a GPU here: the script measures both halves")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--index-docs", "3000", "--index-queries", "50"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = json.loads(proc.stdout)["index"]
+    assert index["gpu_off"]["built_on"] == "cpu" and "cpu" in index["gpu_off"]["index"]
+    assert index["gpu_off"]["recall@100"] == 1.0  # 3,000 vectors: an exact index
+    assert index["gpu_on"] == {"skipped": gpu_status()[1]}
