@@ -212,13 +212,15 @@ def main() -> None:
     parser.add_argument("--model", help="embedding model (path or name) for the embedding check")
     parser.add_argument("--embed-texts", type=int, default=100_000)
     parser.add_argument("--pipeline", action="store_true", help="with --model: mine Cranfield on the CPU and on the GPU")
+    parser.add_argument("--pipeline-index-gpu", default="auto", choices=["auto", "on", "off"],
+                        help="index.gpu of the pipeline's GPU runs (off: embedding on the GPU, the index on the CPU)")
     args = parser.parse_args()
     if args.index_docs:
         print(json.dumps({"index": check_index(args.index_docs, args.index_queries)}, indent=1), flush=True)
     if args.model and args.embed_texts:
         check_embed(args.model, args.embed_texts)
     if args.model and args.pipeline:
-        print(json.dumps({"pipeline": check_pipeline(args.model, os.environ.get("INDEX_GPU", "auto"))}, indent=1), flush=True)
+        print(json.dumps({"pipeline": check_pipeline(args.model, args.pipeline_index_gpu)}, indent=1), flush=True)
 
 
 if __name__ == "__main__":
