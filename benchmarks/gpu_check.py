@@ -188,6 +188,10 @@ def mine(model: str, out: Path, settings: list[str]) -> dict:
 def check_pipeline(model: str, index_gpu: str = "auto") -> dict:
     """Cranfield mined three ways: all on the CPU in fp32, on the GPU in fp32, and with the
     defaults (device and index on the GPU, fp16); each GPU run against the CPU run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "torch sees no CUDA device"}
     runs = {"cpu_fp32": ["device=cpu", "precision=fp32", "index.gpu=off"],
             "cuda_fp32": ["device=cuda", "precision=fp32", "index.gpu=" + index_gpu],
             "auto": ["index.gpu=" + index_gpu]}
