@@ -27,32 +27,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DIM = 384
 
-
-def clustered(rng: np.random.Generator, n: int, centers: np.ndarray, noise: float) -> np.ndarray:
-    """Normalised Gaussian-mixture vectors, as benchmarks/scale.py makes them."""
-    v = centers[rng.integers(0, len(centers), n)] + noise * rng.standard_normal((n, DIM), dtype=np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+from benchmarks.scale import DIM, mixture_vectors  # noqa: E402
 
 
 def exact_truth(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k rows by inner product, in fp32 on the GPU (TF32 off) when torch sees one."""
-    import torch
+    """Exact top-k rows by inner product, on the CPU: the reference for both halves."""
+    import faiss
 
-    if not torch.cuda.is_available():
-        import faiss
-
-        flat = faiss.IndexFlatIP(vectors.shape[1])
-        flat.add(vectors)
-        return flat.search(queries, k)[1]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    docs = torch.from_numpy(vectors).cuda()
-    rows = []
-    for start in range(0, len(queries), 1024):
-        scores = torch.from_numpy(queries[start:start + 1024]).cuda() @ docs.T
-        rows.append(torch.topk(scores, k, dim=1).indices.cpu().numpy())
-    return np.concatenate(rows)
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    return flat.search(queries, k)[1]
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -69,9 +54,9 @@ def check_index(n_docs: int, n_queries: int, k: int = 100) -> dict:
     modes = ("off", "on") if usable else ("off",)
 
     rng = np.random.default_rng(0)
-    centers = rng.standard_normal((1000, DIM), dtype=np.float32)
-    vectors = clustered(rng, n_docs, centers, 0.35)
-    queries = clustered(rng, n_queries, centers, 0.35)
+    centers = rng.standard_normal((1000, DIM)).astype(np.float32)
+    vectors = mixture_vectors(rng, centers, n_docs)
+    queries = mixture_vectors(rng, centers, n_queries)
     truth = exact_truth(vectors, queries, k)
     out: dict = {"faiss": faiss.__version__, "gpus": faiss.get_num_gpus(), "docs": n_docs, "queries": n_queries}
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,19 +98,18 @@ def embedder(model: str, device: str, precision: str, threads: int, micro_batch:
     return stage
 
 
-def check_embed(model: str, n_texts: int, device: str = "cuda") -> dict:
-    """Each figure is printed as soon as it is measured (a slow machine still shows the first)."""
+def check_embed(model: str, n_texts: int, device: str = "cuda") -> None:
+    """Prints each figure as soon as it is measured (a slow machine still shows the first)."""
     import torch
 
     from hardneg.stages.models import pick_device, pick_precision
 
-    if device == "cuda" and not torch.cuda.is_available():
-        return {"skipped": "torch sees no CUDA device"}
-    out: dict = {}
-
     def report(key: str, value) -> None:
-        out[key] = value
         print(json.dumps({key: value}), flush=True)
+
+    if device == "cuda" and not torch.cuda.is_available():
+        report("embed", {"skipped": "torch sees no CUDA device"})
+        return
 
     texts = corpus_texts()
     report("setup", {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "torch": torch.__version__,
@@ -160,7 +144,6 @@ def check_embed(model: str, n_texts: int, device: str = "cuda") -> dict:
         stage.encode(many)
         report(f"texts_per_s_micro_batch_{micro_batch}", round(n_texts / (time.perf_counter() - t0), 1))
         del stage
-    return out
 
 
 def mine(model: str, out: Path, settings: list[str]) -> dict:

@@ -54,6 +54,12 @@ def zipf_texts(rng: np.random.Generator, n_texts: int, length: int, vocabulary=z
     return [" ".join(row) for row in words[ranks]]
 
 
+def mixture_vectors(rng: np.random.Generator, centers: np.ndarray, n: int) -> np.ndarray:
+    """`n` normalised vectors of a Gaussian mixture around `centers` (noise 0.35 a dimension)."""
+    vectors = centers[rng.integers(0, len(centers), n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
 def make_inputs(folder: Path, n_docs: int, n_queries: int, seed: int = 0) -> dict[str, Path]:
     """A BEIR folder (text for BM25; each query judged against the document it was drawn near)
     and .npy vectors with ids for corpus and queries, all written in chunks."""
@@ -64,8 +70,7 @@ def make_inputs(folder: Path, n_docs: int, n_queries: int, seed: int = 0) -> dic
     with open(folder / "beir" / "corpus.jsonl", "w") as text, open(folder / "corpus.ids.txt", "w") as ids:
         for start in range(0, n_docs, CHUNK):
             n = min(CHUNK, n_docs - start)
-            vectors = centers[rng.integers(0, 1000, n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
-            corpus_npy[start:start + n] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+            corpus_npy[start:start + n] = mixture_vectors(rng, centers, n)
             for i, body in enumerate(zipf_texts(rng, n, 12)):
                 doc_id = f"d{start + i}"
                 ids.write(doc_id + "\n")

@@ -39,7 +39,7 @@ def build(folder: Path, n_docs: int, n_queries: int = 256, seed: int = 0):
     batch of queries with the columns the candidates stage reads."""
     import pyarrow as pa
 
-    from benchmarks.scale import zipf_texts
+    from benchmarks.scale import mixture_vectors, zipf_texts
     from hardneg import schemas
     from hardneg.stages.engines.faiss_index import IndexConfig, build_index
     from hardneg.stages.engines.bm25 import BM25Config, BM25Index
@@ -54,8 +54,7 @@ def build(folder: Path, n_docs: int, n_queries: int = 256, seed: int = 0):
     with ShardWriter(index_dir / "ids", pa.schema([("doc_id", pa.string())])) as writer:
         for start in range(0, n_docs, CHUNK):
             n = min(CHUNK, n_docs - start)
-            v = centers[rng.integers(0, 1000, n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
-            vectors[start:start + n] = v / np.linalg.norm(v, axis=1, keepdims=True)
+            vectors[start:start + n] = mixture_vectors(rng, centers, n)
             writer.write(pa.table({"doc_id": ids[start:start + n]}))
     vectors.flush()
     config = IndexConfig(index="Flat", gpu="off")
