@@ -319,3 +319,29 @@ def test_numba_kernels_equal_the_numpy_code(cranfield, monkeypatch):
     shuffled = rng.permutation(len(q))
     old, new = both(lambda: idx.score_rows(tokens, q[shuffled], rows[shuffled]))
     assert np.array_equal(old, new)
+
+
+def test_importing_hardneg_does_not_start_an_installed_jax(tmp_path: Path) -> None:
+    # bm25s warms JAX up at import where JAX is installed, and JAX then takes 75% of a GPU's
+    # memory in each process (seen on an H200: faiss in the Ray actors could not allocate).
+    # A stand-in `jax` that records its import and its use, first on the path of a fresh process.
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "jax"
+    fake.mkdir(parents=True)
+    log = tmp_path / "jax.log"
+    (fake / "__init__.py").write_text(f"open({str(log)!r}, 'a').write('imported\\n')\n")
+    (fake / "lax.py").write_text(f"def top_k(x, k):\n    open({str(log)!r}, 'a').write('backend started\\n')\n"
+                                 "    return x[:k], list(range(k))\n")
+    root = Path(__file__).resolve().parent.parent
+    probe = ("import sys, hardneg.pipeline.api, hardneg.stages.engines.bm25 as engine\n"
+             "import bm25s.selection\n"
+             "print('jax' in sys.modules, bm25s.selection.JAX_IS_AVAILABLE)\n"
+             "import jax\n")  # the user's own `import jax` still works afterwards
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{root}"}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]
+    assert log.read_text() == "imported\n"  # only the user's import; bm25s never ran JAX

@@ -71,13 +71,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import bm25s
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -92,6 +92,28 @@ try:  # compiled kernels for search_rows / score_rows; without numba the numpy c
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency, the fallback keeps the package working
     numba = None
+
+
+def _import_bm25s_without_jax():
+    """bm25s, imported as if JAX were not installed (unless the caller has imported JAX already).
+
+    Where JAX is installed, importing bm25s runs a JAX top-k to warm JAX up, and that starts
+    JAX's backend: on a GPU machine JAX then takes 75% of the GPU's memory in every process that
+    imports hardneg, each Ray worker too. Seen on an H200 with jax[cuda] installed: the candidates
+    actors' faiss could not allocate its 1.5 GiB of scratch memory and searched on the CPU. hardneg
+    never calls bm25s's JAX top-k (it selects with numpy, see above), so bm25s need not see JAX."""
+    if "jax" in sys.modules:
+        import bm25s
+        return bm25s
+    sys.modules["jax"] = None  # `import jax` now raises ImportError, which bm25s expects
+    try:
+        import bm25s
+    finally:
+        del sys.modules["jax"]
+    return bm25s
+
+
+bm25s = _import_bm25s_without_jax()
 
 # A user error (one line, exit 2), not a crash: BM25 has nothing to index.
 _NO_TOKENS = ("the corpus has no tokens after tokenisation: BM25 (a miner, or the score a filter reads) "
