@@ -247,7 +247,9 @@ class DocIds:
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
         self.array = ids.cast(pa.string())
-        order = pc.sort_indices(self.array).to_numpy()  # bytewise UTF-8 = code point order
+        # Bytewise UTF-8 = code point order. Arrow's indices are uint64; as int64 a missing id's
+        # row is -1 under every numpy (np.where(found, uint64 rows, -1) raises on some).
+        order = pc.sort_indices(self.array).to_numpy().astype(np.int64)
         self.rank = np.empty(len(order), dtype=np.int64)
         self.rank[order] = np.arange(len(order))
         self._order = order
@@ -275,10 +277,10 @@ class DocIds:
             at = np.empty(len(keys), dtype=np.int64)
             at[order] = np.minimum(np.searchsorted(self._keys, keys[order]), len(self._keys) - 1)
             found = (self._keys[at] == keys) & ~too_long
-            return np.where(found, self._order[at], -1).astype(np.int64)
+            return np.where(found, self._order[at], -1)
         at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
         found = (self._sorted[at] == values) & ~too_long
-        return np.where(found, self._order[at], -1).astype(np.int64)
+        return np.where(found, self._order[at], -1)
 
     def take(self, rows: np.ndarray) -> pa.Array:
         return self.array.take(pa.array(rows, type=pa.int64()))
