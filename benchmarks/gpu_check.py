@@ -75,6 +75,8 @@ def check_index(n_docs: int, n_queries: int, k: int = 100) -> dict:
                                  "build_s": round(built, 2), "search_s": round(searched, 3),
                                  "us_per_query": round(1e6 * searched / n_queries, 1),
                                  "recall@100": round(recall(rows, truth), 4)}
+            # Each half as it finishes: a run cut short by a time limit keeps what it measured.
+            print(f"index gpu={gpu}: {json.dumps(out[f'gpu_{gpu}'])}", file=sys.stderr, flush=True)
     if not usable:
         out["gpu_on"] = {"skipped": why}
         return out
