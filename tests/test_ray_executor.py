@@ -76,3 +76,45 @@ def test_a_default_run_with_room_for_one_worker_never_starts_ray_and_writes_the_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RAY_IMPORTED=False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "SAME=True" in proc.stdout, proc.stdout
+
+
+GPU_STAGES = '''
+import os, sys
+from pathlib import Path
+import pyarrow as pa, pyarrow.parquet as pq, ray
+from hardneg.pipeline.executors.ray import RayExecutor
+from hardneg.stages.base import MapStage, Resources
+
+class GpuStage(MapStage):
+    stateful = True
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.resources = Resources(num_cpus=1, num_gpus=1.0, batch_size=4)
+    def transform(self, batch):
+        return batch.append_column("worker", pa.array([os.getpid()] * batch.num_rows))
+
+tmp = Path(sys.argv[1])
+(tmp / "in").mkdir()
+pq.write_table(pa.table({"x": list(range(40))}), tmp / "in" / "part-00000.parquet")
+ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR")  # one GPU (declared)
+runner = RayExecutor(progress=False)
+first, second = GpuStage("first"), GpuStage("second")
+runner.prepare([first, second])
+for stage in (first, second):
+    rows = runner.run_map(stage, tmp / "in", tmp / stage.name)
+    workers = set(pq.read_table(tmp / stage.name).column("worker").to_pylist())
+    print(stage.name, rows, len(workers))
+runner.close()
+'''
+
+
+@pytest.mark.slow
+def test_stages_that_hold_a_gpu_share_a_one_gpu_machine_one_worker_at_a_time(tmp_path):
+    # 4 CPUs and one GPU: a pool sized by CPUs would have four GPU workers, three never placed,
+    # and two pools started together could hold the GPU each other waits for. Either way the run
+    # waited for ever (seen on an H200: embedding and the index search on the one GPU).
+    proc = subprocess.run([sys.executable, "-c", GPU_STAGES, str(tmp_path)], capture_output=True, text=True,
+                          env=env(), cwd=ROOT, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["first 40 1", "second 40 1"], proc.stdout + proc.stderr[-2000:]

@@ -177,6 +177,10 @@ class _Pool:
         # A worker runs `res.num_cpus` threads but reserves one logical CPU, so other pools (and
         # the driver's own reads and writes) are never starved of a slot on a small machine.
         size = res.max_workers or max(1, int(cpus // max(res.num_cpus, 1)))
+        if res.num_gpus:
+            # Workers beyond what the cluster's GPUs hold would never start, and the batches
+            # handed to them would wait for ever (16 CPUs and one GPU: four embedding workers).
+            size = min(size, max(1, int(ray.cluster_resources().get("GPU", 0) // res.num_gpus)))
         actor = ray.remote(MapWorker).options(
             num_cpus=1, num_gpus=res.num_gpus or None,
             # A dead worker (killed, OOM, lost node) is restarted and its batches retried; bounded,
@@ -327,13 +331,18 @@ class RayExecutor:
             return
         for stage in model_stages:
             self._users[stage.pool_key()] = self._users.get(stage.pool_key(), 0) + 1
+        # Of the pools whose workers hold GPUs only the first starts ahead; the others start when
+        # their stage runs, once the earlier ones have closed. Started together, a later stage's
+        # workers could take the GPU an earlier stage waits for, and the run would never end.
+        gpu_pools = [s.pool_key() for s in model_stages if s.resources.num_gpus]
+        warm = [s for s in model_stages if not s.resources.num_gpus or s.pool_key() == gpu_pools[0]]
         if self._local and self._starter is None:
             # Copies, taken before any setup: the starter thread pickles them for the workers
             # while the driver may be setting up (and mutating) the stage objects themselves.
-            self._start_in_background([copy.copy(s) for s in model_stages])
+            self._start_in_background([copy.copy(s) for s in warm])
             return
         ray = self._ensure_ray()
-        for stage in model_stages:
+        for stage in warm:
             self._pool(ray, stage, warm=True)
 
     def _pool(self, ray, stage: MapStage, warm: bool = False) -> _Pool:
