@@ -130,7 +130,7 @@ def test_gpu_image_replaces_faiss_cpu():
     assert "python3.11" in runs
     assert re.search(r'pip install --no-cache-dir "/app\[gpu\]"', runs)
     uninstall = runs.index("pip uninstall -y faiss-cpu")
-    reinstall = re.search(r"pip install --no-cache-dir --no-deps --force-reinstall faiss-gpu-cu12==[\d.]+\w*", runs)
+    reinstall = re.search(r"pip install --no-cache-dir --no-deps --force-reinstall faiss-gpu==[\d.]+\w*", runs)
     assert reinstall and reinstall.start() > uninstall
 
 
