@@ -180,7 +180,11 @@ class _Pool:
         if res.num_gpus:
             # Workers beyond what the cluster's GPUs hold would never start, and the batches
             # handed to them would wait for ever (16 CPUs and one GPU: four embedding workers).
-            size = min(size, max(1, int(ray.cluster_resources().get("GPU", 0) // res.num_gpus)))
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if size > max(1, int(gpus // res.num_gpus)):
+                size = max(1, int(gpus // res.num_gpus))
+                log.info("ray: %s runs %d worker%s, as many as the cluster's GPUs (%g) hold",
+                         stage.name, size, "" if size == 1 else "s", gpus)
         actor = ray.remote(MapWorker).options(
             num_cpus=1, num_gpus=res.num_gpus or None,
             # A dead worker (killed, OOM, lost node) is restarted and its batches retried; bounded,
