@@ -181,8 +181,9 @@ class _Pool:
             # Workers beyond what the cluster's GPUs hold would never start, and the batches
             # handed to them would wait for ever (16 CPUs and one GPU: four embedding workers).
             gpus = ray.cluster_resources().get("GPU", 0)
-            if size > max(1, int(gpus // res.num_gpus)):
-                size = max(1, int(gpus // res.num_gpus))
+            held = max(1, int(gpus // res.num_gpus))
+            if size > held:
+                size = held
                 log.info("ray: %s runs %d worker%s, as many as the cluster's GPUs (%g) hold",
                          stage.name, size, "" if size == 1 else "s", gpus)
         actor = ray.remote(MapWorker).options(
