@@ -28,20 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.scale import DIM, mixture_vectors  # noqa: E402
-
-
-def exact_truth(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k rows by inner product, on the CPU: the reference for both halves."""
-    import faiss
-
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    return flat.search(queries, k)[1]
-
-
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+from benchmarks.scale import DIM, exact_top_k, mixture_vectors, recall  # noqa: E402
 
 
 def check_index(n_docs: int, n_queries: int, k: int = 100) -> dict:
@@ -57,7 +44,7 @@ def check_index(n_docs: int, n_queries: int, k: int = 100) -> dict:
     centers = rng.standard_normal((1000, DIM)).astype(np.float32)
     vectors = mixture_vectors(rng, centers, n_docs)
     queries = mixture_vectors(rng, centers, n_queries)
-    truth = exact_truth(vectors, queries, k)
+    truth = exact_top_k(vectors, queries, k)  # on the CPU: the reference for both halves
     out: dict = {"faiss": faiss.__version__, "gpus": faiss.get_num_gpus(), "docs": n_docs, "queries": n_queries}
     with tempfile.TemporaryDirectory() as tmp:
         for gpu in modes:

@@ -165,8 +165,6 @@ def mine(inputs: dict[str, Path], work: Path, runner: str) -> tuple[list[tuple[s
 
 
 def recall_at_100(work: Path, inputs: dict[str, Path], n: int = 200) -> tuple[float, str]:
-    import faiss
-
     from hardneg.stages.engines.faiss_index import AnnIndex, IndexConfig
     from hardneg.stages.calibrate import calibrated_config
 
@@ -178,12 +176,23 @@ def recall_at_100(work: Path, inputs: dict[str, Path], n: int = 200) -> tuple[fl
         config = calibrated_config(config, calibration)
     ann = AnnIndex.load(index_dir / "faiss", config)
     _, found = ann.search(queries, 100)
+    return recall(found, exact_top_k(vectors, queries, 100)), ann.description
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k rows by inner product (faiss's CPU flat index), the vectors added in chunks
+    so that a memory-mapped file is never copied whole."""
+    import faiss
+
     exact = faiss.IndexFlatIP(vectors.shape[1])
     for start in range(0, len(vectors), CHUNK):
         exact.add(np.ascontiguousarray(vectors[start:start + CHUNK]))
-    _, truth = exact.search(queries, 100)
-    hits = sum(len(set(f) & set(t)) for f, t in zip(found, truth))
-    return hits / truth.size, ann.description
+    return exact.search(queries, k)[1]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the exact top-k rows that were found."""
+    return sum(len(set(f) & set(t)) for f, t in zip(found, truth)) / truth.size
 
 
 def embed_cost(n_texts: int) -> tuple[float, int]:

@@ -339,8 +339,8 @@ class RayExecutor:
         # Of the pools whose workers hold GPUs only the first starts ahead; the others start when
         # their stage runs, once the earlier ones have closed. Started together, a later stage's
         # workers could take the GPU an earlier stage waits for, and the run would never end.
-        gpu_pools = [s.pool_key() for s in model_stages if s.resources.num_gpus]
-        warm = [s for s in model_stages if not s.resources.num_gpus or s.pool_key() == gpu_pools[0]]
+        first_gpu_pool = next((s.pool_key() for s in model_stages if s.resources.num_gpus), None)
+        warm = [s for s in model_stages if not s.resources.num_gpus or s.pool_key() == first_gpu_pool]
         if self._local and self._starter is None:
             # Copies, taken before any setup: the starter thread pickles them for the workers
             # while the driver may be setting up (and mutating) the stage objects themselves.
