@@ -272,15 +272,15 @@ def _mapped_kib(path: Path) -> int:
     return total
 
 
-@pytest.mark.parametrize("gather", ["pread", "mapped"])
+@pytest.mark.parametrize("gather", ["compiled", "numpy"])
 def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path, monkeypatch, gather):
     from hardneg.stages import io
     from hardneg.stages.io import VectorFile
 
-    if gather == "mapped":  # the fallback without numba
-        monkeypatch.setattr(io, "_pread_rows", lambda: None)
+    if gather == "numpy":  # the fallback without numba
+        monkeypatch.setattr(io, "_mapped_gather", lambda: None)
     else:
-        assert io._pread_rows() is not None  # numba is a dependency: the compiled gather runs
+        assert io._mapped_gather() is not None  # numba is a dependency: the compiled gather runs
     path = tmp_path / "vectors.npy"
     matrix = np.random.default_rng(0).standard_normal((100_000, 96)).astype(np.float32)  # 37 MiB
     np.save(path, matrix)
@@ -288,6 +288,13 @@ def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path, monk
     rows = np.random.default_rng(1).integers(0, len(matrix), 20_000)  # scattered, with repeats
     assert np.array_equal(vectors.take(rows), matrix[rows])
     assert np.array_equal(vectors.take(rows[::-1]), matrix[rows[::-1]])
+    # Into a buffer the caller reuses: sorted distinct rows are gathered in place, others too.
+    buffer = np.full((30_000, 96), np.nan, dtype=np.float32)
+    for wanted in (np.unique(rows), rows):
+        assert vectors.take(wanted, out=buffer[:len(wanted)]) is not None
+        assert np.array_equal(buffer[:len(wanted)], matrix[wanted])
+    with pytest.raises(ValueError, match="out"):
+        vectors.take(rows, out=buffer)
     assert np.array_equal(vectors.rows(99_990, 100_000), matrix[99_990:])
     assert vectors.take(np.array([], dtype=np.int64)).shape == (0, 96)
     with pytest.raises(IndexError):
