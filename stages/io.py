@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
+import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,16 +70,20 @@ class VectorFile:
     vectors. Here rows are gathered a block at a time and the block's pages are released right
     after, so a process holds the rows it asked for and little else; repeated reads come from the
     kernel's page cache. Scattered rows (`take`) are gathered in compiled code where numba is
-    installed: one fault maps a fault-around window of rows, where a pread(2) per row paid a
-    system call per row (200k scattered rows of 1.5 KiB: 41 against 154 ms, one thread; 60
-    against 170 ms with two threads gathering at once)."""
+    installed, by whichever of two ways has cost less per row so far on this file (both give the
+    same bytes; `Gather`):
+    - through the mapping, a block's fault-around windows released after it: one fault maps a
+      window of rows. Where the page cache holds the file in large folios (as after the index
+      stage wrote it, or a sequential read), 51k scattered rows of 1.5 KiB took 13 ms;
+    - pread(2), a system call per row: 42 ms there, but 57 ms against the mapping's 93 ms where
+      the file's pages had come back into the page cache one by one."""
 
     BLOCK = 1024  # rows gathered between two releases: at most ~64 MB of mapped pages
     # The kernel maps pages around a faulting one in aligned windows of this size (its default
     # fault_around_bytes), so a block's release covers the windows its rows fell in.
     FAULT_AROUND = 64 * 1024
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, gather: str = "auto") -> None:
         self._path = Path(path)
         self._matrix = np.load(path, mmap_mode="r", allow_pickle=False)
         if self._matrix.ndim != 2:
@@ -84,6 +91,8 @@ class VectorFile:
         self.shape = self._matrix.shape
         self._row_bytes = self.shape[1] * self._matrix.dtype.itemsize
         self._base = self._matrix.offset  # where row 0 starts in the file
+        self._gather = Gather(gather)
+        self._fd: int | None = None  # opened on the first pread gather
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -139,27 +148,77 @@ class VectorFile:
         gathered = out if in_order and out is not None else np.empty((len(unique), self.shape[1]), self._matrix.dtype)
         handle = getattr(self._matrix, "_mmap", None)
         compiled = isinstance(handle, mmap.mmap) and self._matrix.flags.c_contiguous and len(unique) and self._row_bytes
-        gather = _mapped_gather() if compiled else None
-        if gather is not None:
-            # The mapping starts at a page boundary at or before row 0 (numpy's memmap offset).
-            mapped_from = self._matrix.ctypes.data - self._base % mmap.ALLOCATIONGRANULARITY
-            gather(self._matrix, unique, gathered, self.BLOCK, mapped_from, len(handle), self.FAULT_AROUND)
-        else:
+        kernels = _compiled_gathers() if compiled else None
+        if kernels is None:
             for b0 in range(0, len(unique), self.BLOCK):
                 block = unique[b0:b0 + self.BLOCK]
                 gathered[b0:b0 + len(block)] = self._matrix[block]
                 self._release(int(block[0]), int(block[-1]) + 1)
+        else:
+            way = self._gather.next()
+            started = time.perf_counter()
+            if way == "mapped":
+                # The mapping starts at a page boundary at or before row 0 (numpy's memmap offset).
+                mapped_from = self._matrix.ctypes.data - self._base % mmap.ALLOCATIONGRANULARITY
+                kernels[0](self._matrix, unique, gathered, self.BLOCK, mapped_from, len(handle), self.FAULT_AROUND)
+            else:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDONLY)
+                    weakref.finalize(self, os.close, self._fd)
+                done = kernels[1](self._fd, self._base, self._row_bytes, unique, gathered.reshape(len(unique), -1).view(np.uint8))
+                if done != len(unique):
+                    raise OSError(f"{self._path}: short read at row {int(unique[done])}")
+            self._gather.record(way, time.perf_counter() - started, len(unique))
         if in_order:
             return gathered
         return np.take(gathered, inverse.reshape(-1), axis=0, out=out)
 
 
+class Gather:
+    """Which compiled gather `VectorFile.take` uses: "mapped", "pread", or "auto", the one with
+    the lower cost per row so far. Each is tried three times first (the first call of each is
+    not counted: it compiles the kernel, or loads it from numba's cache), and the other once
+    every `RETRY` calls after, so the choice follows the page cache as it changes."""
+
+    WAYS = ("mapped", "pread")
+    RETRY = 64
+
+    def __init__(self, way: str = "auto") -> None:
+        if way not in (*self.WAYS, "auto"):
+            raise ValueError(f"gather: expected one of {self.WAYS + ('auto',)}, got {way!r}")
+        self.way = way
+        self.calls = 0
+        self.cost = {w: [0.0, 0] for w in self.WAYS}  # seconds, rows
+        self._warm: set[str] = set()
+
+    def next(self) -> str:
+        if self.way != "auto":
+            return self.way
+        self.calls += 1
+        if self.calls <= 3 * len(self.WAYS):
+            return self.WAYS[self.calls % len(self.WAYS)]
+        best = min(self.WAYS, key=lambda w: self.cost[w][0] / max(1, self.cost[w][1]))
+        if self.calls % self.RETRY == 0:
+            return next(w for w in self.WAYS if w != best)
+        return best
+
+    def record(self, way: str, seconds: float, rows: int) -> None:
+        if way not in self._warm:
+            self._warm.add(way)
+            return
+        # Recent calls weigh more: the sums decay, so a changed page cache shows within a few calls.
+        spent = self.cost[way]
+        spent[0], spent[1] = 0.75 * spent[0] + seconds, 0.75 * spent[1] + rows
+
+
 @functools.lru_cache(maxsize=1)
-def _mapped_gather():
-    """A compiled gather of sorted rows out of a memory-mapped matrix that releases each block's
-    pages (madvise MADV_DONTNEED) after copying it, or None without numba (the same gather is
-    then done by numpy, block by block). Compiled on the first `take` (or loaded from numba's
-    cache). nogil: two candidates batch threads gather at once."""
+def _compiled_gathers():
+    """(mapped, pread) compiled gathers of sorted rows, or None without numba (numpy then gathers
+    from the mapping, block by block). Compiled on the first `take` (or loaded from numba's
+    cache). nogil: two candidates batch threads gather at once.
+    - mapped: copies a block of rows out of the memory map, then releases the block's pages
+      (madvise MADV_DONTNEED over its fault-around windows);
+    - pread: one pread(2) per row into the output; no page is mapped."""
     try:
         from numba import types
     except ImportError:
@@ -167,10 +226,11 @@ def _mapped_gather():
     from hardneg.stages.engines.compiled import njit
 
     madvise = types.ExternalFunction("madvise", types.intc(types.voidptr, types.uintp, types.intc))
+    pread = types.ExternalFunction("pread", types.intp(types.intc, types.voidptr, types.uintp, types.int64))
     dontneed = mmap.MADV_DONTNEED
 
     @njit
-    def gather(matrix, rows, out, block, mapped_from, mapped_bytes, window):
+    def mapped(matrix, rows, out, block, mapped_from, mapped_bytes, window):
         # rows: sorted, in range. The mapping spans [mapped_from, mapped_from + mapped_bytes).
         width = matrix.shape[1]
         for b0 in range(0, rows.shape[0], block):
@@ -185,7 +245,15 @@ def _mapped_gather():
             hi = min(mapped_bytes, hi + (window - hi % window) % window)
             madvise(mapped_from + lo, hi - lo, dontneed)
 
-    return gather
+    @njit
+    def by_pread(fd, base, row_bytes, rows, out):
+        # out: (len(rows), row_bytes) bytes; returns how many rows were read in full.
+        for i in range(rows.shape[0]):
+            if pread(fd, out[i].ctypes.data, row_bytes, base + rows[i] * row_bytes) != row_bytes:
+                return i
+        return rows.shape[0]
+
+    return mapped, by_pread
 
 
 def lists_like(column: pa.Array, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

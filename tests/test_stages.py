@@ -272,19 +272,19 @@ def _mapped_kib(path: Path) -> int:
     return total
 
 
-@pytest.mark.parametrize("gather", ["compiled", "numpy"])
+@pytest.mark.parametrize("gather", ["mapped", "pread", "auto", "numpy"])
 def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path, monkeypatch, gather):
     from hardneg.stages import io
     from hardneg.stages.io import VectorFile
 
     if gather == "numpy":  # the fallback without numba
-        monkeypatch.setattr(io, "_mapped_gather", lambda: None)
+        monkeypatch.setattr(io, "_compiled_gathers", lambda: None)
     else:
-        assert io._mapped_gather() is not None  # numba is a dependency: the compiled gather runs
+        assert io._compiled_gathers() is not None  # numba is a dependency: the compiled gathers run
     path = tmp_path / "vectors.npy"
     matrix = np.random.default_rng(0).standard_normal((100_000, 96)).astype(np.float32)  # 37 MiB
     np.save(path, matrix)
-    vectors = VectorFile(path)
+    vectors = VectorFile(path, gather="auto" if gather == "numpy" else gather)
     rows = np.random.default_rng(1).integers(0, len(matrix), 20_000)  # scattered, with repeats
     assert np.array_equal(vectors.take(rows), matrix[rows])
     assert np.array_equal(vectors.take(rows[::-1]), matrix[rows[::-1]])
@@ -305,6 +305,24 @@ def test_vector_file_reads_rows_without_keeping_the_file_resident(tmp_path, monk
     plain = np.load(path, mmap_mode="r")
     _ = np.asarray(plain[np.sort(rows)])
     assert _mapped_kib(path.resolve()) > 16_384
+
+
+def test_vector_file_gathers_the_way_that_has_cost_less_per_row():
+    from hardneg.stages.io import Gather
+
+    gather = Gather()
+    first = [gather.next() for _ in range(6)]
+    assert sorted(first) == ["mapped"] * 3 + ["pread"] * 3  # each way tried three times
+    for i, way in enumerate(first):  # the first call of each, which compiles it, does not count
+        gather.record(way, {"mapped": 0.01, "pread": 0.04}[way] * (1 if way in first[:i] else 100), 50_000)
+    chosen = [gather.next() for _ in range(2 * Gather.RETRY)]
+    assert chosen.count("pread") == 2 and chosen.count("mapped") == 2 * Gather.RETRY - 2  # retried now and then
+    for _ in range(6):  # the page cache changed: mapped reads now cost more
+        gather.record("mapped", 0.09, 50_000)
+    assert gather.next() == "pread"
+    assert Gather("mapped").next() == "mapped"
+    with pytest.raises(ValueError, match="gather"):
+        Gather("mmap")
 
 
 def test_embed_backend_is_checked_at_config_time(monkeypatch):

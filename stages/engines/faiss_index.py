@@ -202,9 +202,10 @@ def _rows(vectors: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 def _scattered_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """vectors[rows] (sorted rows) as contiguous float32. From a whole .npy memmap they are read
-    with pread (VectorFile.take): gathering a random sample through the mapping faulted in the
-    pages around every row (the kernel's fault-around), which held most of the file resident at
-    once (+1.3 GiB at a million 384-d vectors: the index stage's peak)."""
+    by VectorFile.take, which releases each block's pages: gathering a random sample through the
+    mapping in one go faulted in the pages around every row (the kernel's fault-around) and held
+    most of the file resident at once (+1.3 GiB at a million 384-d vectors: the index stage's
+    peak)."""
     source = VectorFile.behind(vectors)
     return np.ascontiguousarray(source.take(rows) if source is not None else vectors[rows], dtype=np.float32)
 
