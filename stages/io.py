@@ -197,10 +197,14 @@ class Gather:
         self.calls += 1
         if self.calls <= 3 * len(self.WAYS):
             return self.WAYS[self.calls % len(self.WAYS)]
-        best = min(self.WAYS, key=lambda w: self.cost[w][0] / max(1, self.cost[w][1]))
+        best = self.best()
         if self.calls % self.RETRY == 0:
             return next(w for w in self.WAYS if w != best)
         return best
+
+    def best(self) -> str:
+        """The way with the lower cost per row so far."""
+        return min(self.WAYS, key=lambda w: self.cost[w][0] / max(1, self.cost[w][1]))
 
     def record(self, way: str, seconds: float, rows: int) -> None:
         if way not in self._warm:

@@ -54,3 +54,16 @@ def test_gpu_check_builds_and_searches_on_the_cpu_and_says_why_the_gpu_half_skip
     assert index["gpu_off"]["built_on"] == "cpu" and "cpu" in index["gpu_off"]["index"]
     assert index["gpu_off"]["recall@100"] == 1.0  # 3,000 vectors: an exact index
     assert index["gpu_on"] == {"skipped": gpu_status()[1]}
+
+
+def test_gather_times_every_way_in_both_page_cache_states() -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/gather.py", "--docs", "20000", "--dim", "64", "--rows", "2000",
+                           "--gathers", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.findall(r"^(as written|read sequentially|reloaded page by page)\s+(mapped|pread|auto|numpy)\s+([\d.]+)\s+([\d.]+)\s+"
+                       r"([\d.]+)\s+([\d.]+)(?: \(settled on (mapped|pread)\))?$", proc.stdout, re.M)
+    assert {(state, way) for state, way, *_ in found} == {
+        (state, way) for state in ("as written", "read sequentially", "reloaded page by page") for way in ("mapped", "pread", "auto", "numpy")}
+    for state, way, median, low, high, per_row, settled in found:
+        assert float(low) <= float(median) <= float(high)
+        assert (settled != "") == (way == "auto")
