@@ -73,10 +73,12 @@ class VectorFile:
     installed, by whichever of two ways has cost less per row so far on this file (both give the
     same bytes; `Gather`):
     - through the mapping, a block's fault-around windows released after it: one fault maps a
-      window of rows. Where the page cache holds the file in large folios (as after the index
-      stage wrote it, or a sequential read), 51k scattered rows of 1.5 KiB took 13 ms;
-    - pread(2), a system call per row: 42 ms there, but 57 ms against the mapping's 93 ms where
-      the file's pages had come back into the page cache one by one."""
+      window of rows;
+    - pread(2), a system call per row.
+    Which costs less depends on how the page cache holds the file (`benchmarks/gather.py`, 51k
+    scattered rows of 1.5 KiB): after a sequential read the mapping took 15.5 ms against 44.9;
+    written through a memory map, or brought back page by page, 126-157 ms against 56-66. In
+    the candidates stage after a fresh index build here the mapping was the cheaper, 2.5x."""
 
     BLOCK = 1024  # rows gathered between two releases: at most ~64 MB of mapped pages
     # The kernel maps pages around a faulting one in aligned windows of this size (its default
@@ -109,22 +111,22 @@ class VectorFile:
         whole = source.shape == array.shape and source._base == array.offset and source._matrix.dtype == array.dtype
         return source if whole else None
 
+    def _mapped_from(self) -> int:
+        """The address the mapping starts at: a page boundary at or before row 0 (numpy's memmap
+        offset)."""
+        return self._matrix.ctypes.data - self._base % mmap.ALLOCATIONGRANULARITY
+
     def _release(self, first_row: int, stop_row: int) -> None:
         handle = getattr(self._matrix, "_mmap", None)
         if not isinstance(handle, mmap.mmap) or not hasattr(handle, "madvise"):
             return
-        # The mapping starts at a page boundary at or before row 0 (numpy's memmap offset).
-        page = mmap.ALLOCATIONGRANULARITY
-        mapped_from = self._base - self._base % page
-        lo = self._base + first_row * self._row_bytes - mapped_from
-        hi = self._base + stop_row * self._row_bytes - mapped_from
-        lo, hi = self._windows(lo, hi, len(handle))
-        handle.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-    @classmethod
-    def _windows(cls, lo: int, hi: int, mapped: int) -> tuple[int, int]:
-        """[lo, hi) widened to whole fault-around windows, within the mapping (offsets in it)."""
-        return lo - lo % cls.FAULT_AROUND, min(mapped, hi + -hi % cls.FAULT_AROUND)
+        start = self._mapped_from()
+        row0 = self._matrix.ctypes.data
+        # Fault-around windows are aligned by address: widen to them, within the mapping.
+        lo = max(start, row0 + first_row * self._row_bytes - (row0 + first_row * self._row_bytes) % self.FAULT_AROUND)
+        hi = row0 + stop_row * self._row_bytes
+        hi = min(start + len(handle), hi + -hi % self.FAULT_AROUND)
+        handle.madvise(mmap.MADV_DONTNEED, lo - start, hi - lo)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         out = np.array(self._matrix[start:stop])
@@ -158,9 +160,7 @@ class VectorFile:
             way = self._gather.next()
             started = time.perf_counter()
             if way == "mapped":
-                # The mapping starts at a page boundary at or before row 0 (numpy's memmap offset).
-                mapped_from = self._matrix.ctypes.data - self._base % mmap.ALLOCATIONGRANULARITY
-                kernels[0](self._matrix, unique, gathered, self.BLOCK, mapped_from, len(handle), self.FAULT_AROUND)
+                kernels[0](self._matrix, unique, gathered, self.BLOCK, self._mapped_from(), len(handle), self.FAULT_AROUND)
             else:
                 if self._fd is None:
                     self._fd = os.open(self._path, os.O_RDONLY)
@@ -243,11 +243,12 @@ def _compiled_gathers():
                 row = rows[i]
                 for j in range(width):
                     out[i, j] = matrix[row, j]
-            lo = matrix[rows[b0]:].ctypes.data - mapped_from
-            hi = matrix[rows[b1 - 1]:].ctypes.data - mapped_from + width * matrix.itemsize
-            lo -= lo % window
-            hi = min(mapped_bytes, hi + (window - hi % window) % window)
-            madvise(mapped_from + lo, hi - lo, dontneed)
+            # Fault-around windows are aligned by address: widen to them, within the mapping.
+            lo = matrix[rows[b0]:].ctypes.data
+            hi = matrix[rows[b1 - 1]:].ctypes.data + width * matrix.itemsize
+            lo = max(mapped_from, lo - lo % window)
+            hi = min(mapped_from + mapped_bytes, hi + (window - hi % window) % window)
+            madvise(lo, hi - lo, dontneed)
 
     @njit
     def by_pread(fd, base, row_bytes, rows, out):
