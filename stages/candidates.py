@@ -95,11 +95,13 @@ class _BatchVectors:
 
 def _thread_scratch(n: int, dim: int) -> np.ndarray:
     """An (n, dim) float32 array for a batch's stored vectors, reused by the thread's next batch.
-    A new one for every batch was fresh memory each time, which the kernel zeroes: in a 1M run
-    (391 batches of ~50k rows) the gathers took 21.2-22.5 s so, 14.3-16.0 s into this one."""
+    A new array per batch was fresh memory, which the kernel zeroes each time: in a 1M run (391
+    batches of ~50k rows) the gathers took 21.2-22.5 s that way, 14.3-16.0 s into this one."""
     held = getattr(_batch_thread, "scratch", None)
-    if held is None or held.shape[1] != dim or len(held) < n:
-        held = _batch_thread.scratch = np.empty((max(n, int(1.25 * len(held)) if held is not None else n), dim), np.float32)
+    if held is None or held.shape[1] != dim:
+        held = _batch_thread.scratch = np.empty((n, dim), np.float32)
+    elif len(held) < n:  # grown with room, so that a slightly larger next batch fits too
+        held = _batch_thread.scratch = np.empty((max(n, int(1.25 * len(held))), dim), np.float32)
     return held[:n]
 
 

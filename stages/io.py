@@ -120,12 +120,11 @@ class VectorFile:
         handle = getattr(self._matrix, "_mmap", None)
         if not isinstance(handle, mmap.mmap) or not hasattr(handle, "madvise"):
             return
-        start = self._mapped_from()
-        row0 = self._matrix.ctypes.data
-        # Fault-around windows are aligned by address: widen to them, within the mapping.
-        lo = max(start, row0 + first_row * self._row_bytes - (row0 + first_row * self._row_bytes) % self.FAULT_AROUND)
-        hi = row0 + stop_row * self._row_bytes
-        hi = min(start + len(handle), hi + -hi % self.FAULT_AROUND)
+        start, row0 = self._mapped_from(), self._matrix.ctypes.data
+        lo, hi = row0 + first_row * self._row_bytes, row0 + stop_row * self._row_bytes
+        # Fault-around windows are aligned by address: widen to them, within the mapping (as
+        # the compiled gather's release does).
+        lo, hi = max(start, lo - lo % self.FAULT_AROUND), min(start + len(handle), hi + -hi % self.FAULT_AROUND)
         handle.madvise(mmap.MADV_DONTNEED, lo - start, hi - lo)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
