@@ -139,7 +139,7 @@ def mine(model: str, out: Path, settings: list[str]) -> dict:
     """`hardneg mine` on Cranfield with `settings`; its negatives from the sample stage's output."""
     import subprocess
 
-    import pyarrow.parquet as pq
+    from hardneg.stages.io import read_table
 
     args = [sys.executable, "-m", "hardneg.pipeline.cli", "mine", "--beir", str(ROOT / "examples" / "cranfield"),
             "--out", str(out / "out"), "--work-dir", str(out / "work"), "--model", model, "--miners", "dense,bm25"]
@@ -148,8 +148,8 @@ def mine(model: str, out: Path, settings: list[str]) -> dict:
     t0 = time.perf_counter()
     run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    sample = pq.read_table(next((out / "work").glob("sample-*/part-*.parquet")), columns=["pair_id", "negative_ids"])
-    candidates = pq.read_table(next((out / "work").glob("candidates-*/part-*.parquet")), columns=["query_id", "candidate_ids"])
+    sample = read_table(next((out / "work").glob("sample-*")), columns=["pair_id", "negative_ids"])
+    candidates = read_table(next((out / "work").glob("candidates-*")), columns=["query_id", "candidate_ids"])
     log = run.stdout + run.stderr
     return {"rc": run.returncode, "seconds": round(seconds, 1), "error": log.strip().splitlines()[-1:] if run.returncode else [],
             "index_searched_on_gpu": "searches on gpu" in log,

@@ -3,8 +3,8 @@ FAISS index over it.
 
 Vectors are placed by document id at the document's row in the corpus table, so the matrix (and
 the index trained from it) is the same whichever runner wrote the embedding shards, in whatever
-order. Memory stays bounded: vectors stream from Parquet into a .npy memmap, and the index is
-built from the memmap in chunks.
+order. Memory stays bounded: vectors stream from the embedding shards into a .npy memmap, and the
+index is built from the memmap in chunks.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 from hardneg.stages.base import GlobalStage
 from hardneg.stages.io import DocIds
-from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, parquet_files, release_pages
+from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, read_group, release_pages, shard_files, shard_groups, shard_schema
 
 
 class IndexStage(GlobalStage):
@@ -51,7 +50,7 @@ class IndexStage(GlobalStage):
 
 
 def embedding_dim(directory: Path) -> int:
-    schema = pq.read_schema(parquet_files(directory)[0])
+    schema = shard_schema(shard_files(directory)[0])
     return schema.field("embedding").type.list_size
 
 
@@ -75,15 +74,15 @@ def write_vectors(embeddings: Path, row_of: DocIds, path: Path) -> np.memmap:
 
 
 def _decoded_shards(embeddings: Path, row_of: DocIds, dim: int, ahead: int = 2):
-    """(corpus rows, vectors) of each row group of the embedding shards, in file order: the next
+    """(corpus rows, vectors) of each row group (record batch) of the embedding shards, in file order: the next
     `ahead` are read and decoded in threads (Parquet decoding releases the GIL) while the caller
     writes the current one. Decoding was the larger half of this stage's single-threaded copy."""
 
     def decode(unit: tuple[Path, int]) -> tuple[np.ndarray, np.ndarray]:
-        table = pq.ParquetFile(unit[0]).read_row_group(unit[1], columns=["id", "embedding"], use_threads=False)
+        table = read_group(unit[0], unit[1], columns=["id", "embedding"])
         return row_of.rows(table.column("id").combine_chunks()), embedding_matrix(table, dim)
 
-    units = iter([(f, g) for f in parquet_files(embeddings) for g in range(pq.ParquetFile(f).num_row_groups)])
+    units = iter([(f, g) for f in shard_files(embeddings) for g in range(shard_groups(f))])
     with ThreadPoolExecutor(max_workers=ahead) as pool:
         pending = deque(pool.submit(decode, unit) for unit in islice(units, ahead))
         while pending:

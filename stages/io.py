@@ -1,4 +1,11 @@
-"""Reading and writing a stage's Parquet shards; shared by stages and runners."""
+"""Reading and writing a stage's shards; shared by stages and runners.
+
+Stage shards are Arrow IPC files (`.arrow`, uncompressed): the next stage reads them back with
+no decoding. Parquet decodes nested lists slowly: a 100k-row candidates shard took 1.9 s to read
+and 2.7 s to write as lz4 Parquet, 0.17 s and 0.70 s as Arrow IPC, at 2.8x the bytes on disk
+(1M-document run, `benchmarks/scale.py`). Parquet shards read the same way: the output's
+rejects (a user-facing file), vectors a user gives as a folder of Parquet files, and work dirs
+of earlier versions."""
 
 from __future__ import annotations
 
@@ -14,28 +21,98 @@ import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+SHARD_SUFFIXES = (".arrow", ".parquet")
 
-def parquet_files(directory: Path) -> list[Path]:
+
+def shard_files(directory: Path) -> list[Path]:
     # Sorted names make every reader see the rows in the same order.
-    return sorted(Path(directory).glob("*.parquet"))
+    return sorted(p for p in Path(directory).glob("*") if p.suffix in SHARD_SUFFIXES)
+
+
+def _ipc_reader(source: pa.NativeFile, columns: list[str] | None) -> ipc.RecordBatchFileReader:
+    """An IPC file reader that reads only `columns`' buffers from the file. A plain file, not a
+    memory map: a map would keep every page it read resident (and counted) until closed."""
+    if columns is None:
+        return ipc.open_file(source)
+    names = ipc.open_file(source).schema.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise KeyError(f"{source}: no column {missing[0]!r}")
+    return ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns]))
+
+
+def shard_schema(file: Path) -> pa.Schema:
+    if file.suffix == ".parquet":
+        return pq.read_schema(file)
+    with pa.OSFile(str(file)) as source:
+        return ipc.open_file(source).schema
+
+
+def shard_groups(file: Path) -> int:
+    """How many row groups (Parquet) or record batches (IPC) `file` holds: its units of random
+    access, read by `read_group`."""
+    if file.suffix == ".parquet":
+        return pq.ParquetFile(file).num_row_groups
+    with pa.OSFile(str(file)) as source:
+        return ipc.open_file(source).num_record_batches
+
+
+def read_group(file: Path, group: int, columns: list[str] | None = None) -> pa.Table:
+    if file.suffix == ".parquet":
+        return pq.ParquetFile(file).read_row_group(group, columns=columns, use_threads=False)
+    with pa.OSFile(str(file)) as source:
+        table = pa.Table.from_batches([_ipc_reader(source, columns).get_batch(group)])
+    return table if columns is None else table.select(columns)
+
+
+def _file_batches(file: Path, batch_size: int, columns: list[str] | None) -> Iterator[pa.Table]:
+    """Tables of `batch_size` rows (the file's last one shorter), one chunk each, as Parquet's
+    iter_batches cuts them: the same batches, whichever format the shard has."""
+    if file.suffix == ".parquet":
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=columns):
+            yield pa.Table.from_batches([batch])
+        return
+    with pa.OSFile(str(file)) as source:
+        reader = _ipc_reader(source, columns)
+        held: list[pa.RecordBatch] = []
+        rows = 0
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            held.append(batch)
+            rows += batch.num_rows
+            while rows >= batch_size:
+                table = pa.Table.from_batches(held)
+                yield table.slice(0, batch_size).combine_chunks()
+                rest = table.slice(batch_size)
+                held, rows = rest.to_batches(), rest.num_rows
+        if rows:
+            yield pa.Table.from_batches(held).combine_chunks()
 
 
 def iter_batches(directory: Path, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    for file in parquet_files(directory):
-        reader = pq.ParquetFile(file)
-        for batch in reader.iter_batches(batch_size=batch_size, columns=columns):
-            yield pa.Table.from_batches([batch])
+    for file in shard_files(directory):
+        for table in _file_batches(file, batch_size, columns):
+            yield table if columns is None else table.select(columns)
+
+
+def _read_file(file: Path, columns: list[str] | None) -> pa.Table:
+    if file.suffix == ".parquet":
+        return pq.read_table(file, columns=columns)
+    with pa.OSFile(str(file)) as source:
+        table = _ipc_reader(source, columns).read_all()
+    return table if columns is None else table.select(columns)
 
 
 def read_table(directory: Path, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table:
-    files = parquet_files(directory)
+    files = shard_files(directory)
     if not files:
         if schema is None:
-            raise FileNotFoundError(f"no Parquet shards in {directory}")
+            raise FileNotFoundError(f"no shards in {directory}")
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    return pa.concat_tables(_read_file(f, columns) for f in files)
 
 
 def embedding_matrix(table: pa.Table, dim: int | None = None, column: str = "embedding") -> np.ndarray:
@@ -270,30 +347,57 @@ def lists_like(column: pa.Array, values: np.ndarray, value_type: pa.DataType) ->
 
 
 def count_rows(directory: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(directory))
+    return sum(_file_rows(f) for f in shard_files(directory))
 
 
-# Stage shards are written once and read once or twice: no dictionary pages (on the candidates
-# tables they halved the write speed and made the files larger) and lz4, the fastest codec to
-# write and read here (1M-document run: write 2.3x, read 1.3x faster than snappy + dictionaries);
-# no min/max statistics, which nothing reads (they are for skipping row groups by value) and
-# which took a fifth of the time to write a 25k-row candidates shard (0.68 -> 0.55 s).
+def _file_rows(file: Path) -> int:
+    if file.suffix == ".parquet":
+        return pq.ParquetFile(file).metadata.num_rows
+    with pa.OSFile(str(file)) as source:
+        return ipc.open_file(source).count_rows()
+
+
+# Parquet files that leave the work dir (the output's rejects): no dictionary pages (on the
+# candidates tables they halved the write speed and made the files larger), lz4 (the fastest codec
+# to write and read here), no min/max statistics (for skipping row groups by value: nothing here
+# does, and they took a fifth of the time to write).
 PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statistics": False}
 
 
 class ShardWriter:
-    """Write tables into numbered Parquet shards of at most `rows_per_shard` rows."""
+    """Write tables into numbered shards of at most `rows_per_shard` rows: Arrow IPC files (the
+    work dir's format), or Parquet with `parquet=True` (files a user reads)."""
 
-    def __init__(self, directory: Path, schema: pa.Schema | None = None, rows_per_shard: int = 100_000, prefix: str = "part") -> None:
+    def __init__(self, directory: Path, schema: pa.Schema | None = None, rows_per_shard: int = 100_000,
+                 prefix: str = "part", parquet: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.prefix = prefix
-        self._writer: pq.ParquetWriter | None = None
+        self.suffix = ".parquet" if parquet else ".arrow"
+        self._writer = None
+        self._sink: pa.NativeFile | None = None
         self._rows_in_shard = 0
         self._shards = 0
         self.rows = 0
+
+    def _open(self) -> None:
+        path = self.directory / f"{self.prefix}-{self._shards:05d}{self.suffix}"
+        if self.suffix == ".parquet":
+            self._writer = pq.ParquetWriter(path, self.schema, **PARQUET_OPTIONS)
+        else:
+            self._sink = pa.OSFile(str(path), "wb")
+            self._writer = ipc.new_file(self._sink, self.schema)
+        self._shards += 1
+        self._rows_in_shard = 0
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self._writer = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
     def write(self, table: pa.Table) -> None:
         if self.schema is None:
@@ -302,31 +406,24 @@ class ShardWriter:
         offset = 0
         while offset < table.num_rows:
             if self._writer is None:
-                path = self.directory / f"{self.prefix}-{self._shards:05d}.parquet"
-                self._writer = pq.ParquetWriter(path, self.schema, **PARQUET_OPTIONS)
-                self._shards += 1
-                self._rows_in_shard = 0
+                self._open()
             take = min(table.num_rows - offset, self.rows_per_shard - self._rows_in_shard)
             self._writer.write_table(table.slice(offset, take))
             offset += take
             self._rows_in_shard += take
             self.rows += take
             if self._rows_in_shard >= self.rows_per_shard:
-                self._writer.close()
-                self._writer = None
+                self._close_shard()
 
     def write_rows(self, rows: list[dict]) -> None:
         if rows:
             self.write(pa.Table.from_pylist(rows, schema=self.schema))
 
     def close(self) -> None:
+        if self._writer is None and self._shards == 0 and self.schema is not None:
+            self._open()  # an empty output is still a readable table with the right columns
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._shards == 0 and self.schema is not None:
-            # An empty output is still a readable table with the right columns.
-            pq.write_table(self.schema.empty_table(), self.directory / f"{self.prefix}-00000.parquet", **PARQUET_OPTIONS)
-            self._shards = 1
+            self._close_shard()
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -13,28 +13,27 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from hardneg.stages.base import MapStage, Resources
 from hardneg.stages.filters import KEPT, decide_batch
-from hardneg.stages.io import lists_like, parquet_files
+from hardneg.stages.io import lists_like, read_group, shard_files, shard_groups
 from hardneg.stages.models import model_fingerprint, resolve_model
 
 
 class CorpusTexts:
-    """Texts of the corpus (Parquet shards of doc_id, text) looked up by id a batch at a time.
+    """Texts of the corpus (shards of doc_id, text) looked up by id a batch at a time.
     Only the ids are held (as Arrow/numpy, no Python object per document) with each one's
-    (file, row group, row); a lookup reads the text column of the row groups that hold the asked
+    (file, row group or record batch, row); a lookup reads the text column of the groups that hold the asked
     ids and keeps just those texts."""
 
     def __init__(self, directory: Path) -> None:
         from hardneg.stages.io import DocIds
 
-        self._files = [pq.ParquetFile(f) for f in parquet_files(directory)]
+        self._files = shard_files(directory)
         ids, where = [], []
-        for f, reader in enumerate(self._files):
-            for g in range(reader.metadata.num_row_groups):
-                column = reader.read_row_group(g, columns=["doc_id"]).column("doc_id")
+        for f, file in enumerate(self._files):
+            for g in range(shard_groups(file)):
+                column = read_group(file, g, columns=["doc_id"]).column("doc_id")
                 ids.append(column.combine_chunks())
                 where.append(np.stack([np.full(len(column), f), np.full(len(column), g), np.arange(len(column))], 1))
         self._ids = DocIds(pa.concat_arrays(ids) if ids else pa.array([], pa.string()))
@@ -49,7 +48,7 @@ class CorpusTexts:
         out: dict[str, str] = {}
         for f, g in sorted({(int(a), int(b)) for a, b, _ in where}):
             at = np.flatnonzero((where[:, 0] == f) & (where[:, 1] == g))
-            texts = self._files[f].read_row_group(g, columns=["text"]).column("text").take(pa.array(where[at, 2]))
+            texts = read_group(self._files[f], g, columns=["text"]).column("text").take(pa.array(where[at, 2]))
             out.update(zip((unique[i] for i in at), texts.to_pylist()))
         return out
 

@@ -81,7 +81,7 @@ class WriteStage(GlobalStage):
         stats["extra_positives"] = int(pc.sum(pc.list_value_length(mined.column("extra_positive_ids")).fill_null(0)).as_py() or 0)
         table = to_format(mined, self.format, self.num_negatives, self.metadata_columns, relabel=self.relabel)
         write_dataset(table, out_dir, self.layout)
-        with ShardWriter(out_dir / "rejects", schemas.REJECTS, prefix="rejects") as writer:
+        with ShardWriter(out_dir / "rejects", schemas.REJECTS, prefix="rejects", parquet=True) as writer:
             writer.write(rejects)
         stats["output_rows"] = table.num_rows
         return stats

@@ -261,6 +261,9 @@ class Watcher(threading.Thread):
             try:
                 if path.suffix == ".parquet":
                     pq.read_table(path)
+                elif path.suffix == ".arrow":
+                    with pa.OSFile(str(path)) as source:
+                        pa.ipc.open_file(source).read_all()
                 elif path.suffix == ".npy":
                     np.load(path, mmap_mode="r")
                 elif path.suffix == ".json":

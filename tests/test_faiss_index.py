@@ -339,9 +339,9 @@ def test_vectors_file_places_each_shards_vectors_at_their_corpus_rows(tmp_path: 
         return pa.table({"id": ids[lo:hi], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows[lo:hi].ravel()), d)})
 
     with ShardWriter(tmp_path / "emb", rows_per_shard=300) as writer:
-        for lo in range(0, len(ids), 70):  # a row group per write: several per shard
+        for lo in range(0, len(ids), 70):  # a record batch per write: several per shard
             writer.write(table(lo, min(lo + 70, len(ids))))
-    assert len(list((tmp_path / "emb").glob("*.parquet"))) == 4
+    assert len(list((tmp_path / "emb").glob("*.arrow"))) == 4
     matrix = write_vectors(tmp_path / "emb", corpus, tmp_path / "vectors.npy")
     expected = vectors.copy()
     expected[order[0]] = repeat

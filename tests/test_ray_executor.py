@@ -84,6 +84,7 @@ from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq, ray
 from hardneg.pipeline.executors.ray import RayExecutor
 from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.io import read_table
 
 class GpuStage(MapStage):
     stateful = True
@@ -103,7 +104,7 @@ first, second = GpuStage("first"), GpuStage("second")
 runner.prepare([first, second])
 for stage in (first, second):
     rows = runner.run_map(stage, tmp / "in", tmp / stage.name)
-    workers = set(pq.read_table(tmp / stage.name).column("worker").to_pylist())
+    workers = set(read_table(tmp / stage.name).column("worker").to_pylist())
     print(stage.name, rows, len(workers))
 runner.close()
 '''

@@ -8,14 +8,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import CRANFIELD, read_jsonl
+from hardneg.stages.io import ShardWriter
 from hardneg.stages.rerank import CorpusTexts
 
 
-def test_lookup_returns_the_asked_texts_across_files_and_row_groups(tmp_path):
+@pytest.mark.parametrize("shards", ["arrow", "parquet"])
+def test_lookup_returns_the_asked_texts_across_files_and_row_groups(tmp_path, shards):
     docs = read_jsonl(CRANFIELD / "corpus.jsonl")[:300]
-    for f, part in enumerate((docs[:170], docs[170:])):  # two shards, row groups of 25 rows
+    for f, part in enumerate((docs[:170], docs[170:])):  # two shards, groups of 25 rows
         table = pa.table({"doc_id": [d["_id"] for d in part], "text": [d["text"] for d in part]})
-        pq.write_table(table, tmp_path / f"part-{f:05d}.parquet", row_group_size=25)
+        if shards == "parquet":
+            pq.write_table(table, tmp_path / f"part-{f:05d}.parquet", row_group_size=25)
+        else:  # the work dir's own shards: a record batch per write
+            with ShardWriter(tmp_path, prefix=f"part{f}") as writer:
+                for start in range(0, table.num_rows, 25):
+                    writer.write(table.slice(start, 25))
     texts = CorpusTexts(tmp_path)
     assert texts._where.shape == (300, 3)  # ids and places only: no text is held
     asked = [docs[i]["_id"] for i in (299, 0, 171, 24, 25, 0, 150)]

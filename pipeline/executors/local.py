@@ -1,4 +1,4 @@
-"""In-process execution of a map stage: stream Parquet batches through it, write shards.
+"""In-process execution of a map stage: stream its input shards' batches through it, write shards.
 
 A stage that declares `local_batches` > 1 computes that many batches at once in a thread pool
 (each thread on one core); the results are written in input order, so the shards are the same
