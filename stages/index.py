@@ -38,7 +38,7 @@ class IndexStage(GlobalStage):
     def run(self, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
         parts = []
         with ShardWriter(out_dir / "ids", pa.schema([("doc_id", pa.string())])) as ids:
-            for batch in iter_batches(inputs["corpus"], 100_000, columns=["doc_id"]):
+            for batch in iter_batches(inputs["corpus"], 100_000, columns=["doc_id"], whole=True):
                 parts.append(batch.column("doc_id").combine_chunks())
                 ids.write(batch)
         if not parts or sum(len(p) for p in parts) == 0:

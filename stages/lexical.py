@@ -37,7 +37,7 @@ class PositiveLexicon:
         self.index = BM25Index.load(Path(bm25_dir), bm25_config)
         wanted = positive_ids if isinstance(positive_ids, (pa.Array, pa.ChunkedArray)) else pa.array(sorted(positive_ids), pa.string())
         found = [batch.filter(pc.is_in(batch.column("doc_id"), value_set=wanted))
-                 for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"])]
+                 for batch in iter_batches(Path(corpus_dir), 100_000, columns=["doc_id", "text"], whole=True)]
         table = pa.concat_tables(found) if found else pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
         self._ids = table.column("doc_id").combine_chunks()
         self._texts = table.column("text").combine_chunks()
@@ -107,7 +107,7 @@ class LexicalStage(MapStage):
         from hardneg.stages.io import iter_batches
 
         parts = [pc.list_flatten(batch.column("positive_ids").combine_chunks())
-                 for batch in iter_batches(Path(self.rows_dir), 65_536, columns=["positive_ids"])]
+                 for batch in iter_batches(Path(self.rows_dir), 65_536, columns=["positive_ids"], whole=True)]
         positives = pc.unique(pa.chunked_array(parts, pa.string())) if parts else pa.array([], pa.string())
         self._lexicon = PositiveLexicon(Path(self.bm25_dir), self.bm25_config, Path(self.corpus_dir), positives)
 

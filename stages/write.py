@@ -95,7 +95,7 @@ class WriteStage(GlobalStage):
             raise AccountingError(f"{pairs_in} input pairs != {pairs_out} written + {sum(pair_rejects.values())} rejected")
         decisions: dict[str, int] = {}
         per_source: dict[str, dict[str, int]] = {}
-        for batch in iter_batches(inputs["filtered"], 65_536, columns=["decisions", "sources"]):
+        for batch in iter_batches(inputs["filtered"], 65_536, columns=["decisions", "sources"], whole=True):
             _count_decisions(batch, decisions, per_source)
         sources, counts, _ = _first_seen(pc.list_flatten(pc.list_flatten(mined.column("negative_sources"))))
         negatives_per_source = {source: int(n) for source, n in zip(sources, counts)}
@@ -190,7 +190,7 @@ def _join_texts(mined: pa.Table, corpus_dir: Path) -> pa.Table:
         [mined.column("positive_id").combine_chunks()]
         + [pc.list_flatten(mined.column(c)).combine_chunks() for c in ("negative_ids", "extra_positive_ids")], pa.string()))
     found = [b.filter(pc.is_in(b.column("doc_id"), value_set=needed))
-             for b in iter_batches(corpus_dir, 100_000, columns=["doc_id", "text"])]
+             for b in iter_batches(corpus_dir, 100_000, columns=["doc_id", "text"], whole=True)]
     found = pa.concat_tables(found).combine_chunks() if found else pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
     ids, texts = found.column("doc_id").combine_chunks(), found.column("text").combine_chunks()
 
