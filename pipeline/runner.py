@@ -246,6 +246,10 @@ class Pipeline:
         return Machine(device=self.device, precision=self.precision, backend=self.backend, threads=self.threads)
 
     def _run_all(self) -> RunResult:
+        from hardneg.stages.ingest import fingerprint_ahead
+
+        vectors = [Path(p) for p in (self.config.corpus_embeddings, self.config.query_embeddings) if p is not None]
+        fingerprint_ahead(*vectors, *(p.with_suffix(".ids.txt") for p in vectors if p.suffix == ".npy"))
         done = self._execute(mine_plan(self.config, self.machine))
         return RunResult(self.out, self.work.root, self.results, done.stats)
 

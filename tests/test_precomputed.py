@@ -48,3 +48,19 @@ def test_precomputed_vectors_with_an_approximate_index(tmp_path):
         hits += len(set(exact) & set(row["candidate_ids"]))
         total += len(exact)
     assert hits / total >= 0.95
+
+
+def test_a_vectors_hash_started_ahead_is_the_files_hash_and_a_changed_file_is_hashed_again(tmp_path):
+    from hardneg.stages.ingest import file_fingerprint, fingerprint_ahead
+
+    path = tmp_path / "vectors.npy"
+    np.save(path, np.ones((100, 4), np.float32))
+    direct = file_fingerprint(path)
+    fingerprint_ahead(path, tmp_path / "missing.npy")  # a missing file is left to the stage
+    assert file_fingerprint(path) == direct
+    fingerprint_ahead(path)
+    np.save(path, np.zeros((101, 4), np.float32))  # changed after its hash was started
+    changed = file_fingerprint(path)
+    assert changed != direct
+    np.save(path, np.ones((100, 4), np.float32))
+    assert file_fingerprint(path) == direct
