@@ -26,6 +26,13 @@ import pyarrow.parquet as pq
 
 SHARD_SUFFIXES = (".arrow", ".parquet")
 
+# Arrow's default allocator in this pyarrow (mimalloc) hands freed memory back to the kernel and
+# takes fresh pages for the next batch: at 1M documents the lexical stage took 9.9 s and the write
+# stage 8.4 s with it, 5.9 s and 4.5 s with the C library's allocator (reading one small column
+# of a 1 GB IPC shard: 1.0-1.2 s against 0.015 s). A pool the user chose is kept.
+if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+    pa.set_memory_pool(pa.system_memory_pool())
+
 
 def shard_files(directory: Path) -> list[Path]:
     # Sorted names make every reader see the rows in the same order.
