@@ -18,6 +18,7 @@ from hardneg.pipeline.store import (CODE_VERSION, FileLock, WorkDir, commit_dir,
                                     write_json_atomic)
 from hardneg.stages.base import MapStage, StageResult
 from hardneg.stages.embed import default_threads
+from hardneg.stages.io import arrow_allocator
 from hardneg.stages.models import check_model, pick_backend, pick_device, pick_precision
 from hardneg.stages.write import WriteStage
 
@@ -269,6 +270,10 @@ class Pipeline:
     def _execute(self, nodes: list[Node]) -> _Done:
         """Run the plan's nodes in order; every input folder and upstream fingerprint comes from
         the nodes' declarations."""
+        with arrow_allocator():
+            return self._execute_nodes(nodes)
+
+    def _execute_nodes(self, nodes: list[Node]) -> _Done:
         done = _Done()
         self._prepare_models(nodes, done)
         for node in nodes:

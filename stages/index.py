@@ -74,9 +74,9 @@ def write_vectors(embeddings: Path, row_of: DocIds, path: Path) -> np.memmap:
 
 
 def _decoded_shards(embeddings: Path, row_of: DocIds, dim: int, ahead: int = 2):
-    """(corpus rows, vectors) of each row group (record batch) of the embedding shards, in file order: the next
-    `ahead` are read and decoded in threads (Parquet decoding releases the GIL) while the caller
-    writes the current one. Decoding was the larger half of this stage's single-threaded copy."""
+    """(corpus rows, vectors) of each record batch (row group, in Parquet) of the embedding shards,
+    in file order: the next `ahead` are read in threads (Arrow releases the GIL) while the caller
+    writes the current one. Decoding Parquet was the larger half of this stage's copy."""
 
     def decode(unit: tuple[Path, int]) -> tuple[np.ndarray, np.ndarray]:
         table = read_group(unit[0], unit[1], columns=["id", "embedding"])

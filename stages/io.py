@@ -9,6 +9,7 @@ of earlier versions."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -26,12 +27,30 @@ import pyarrow.parquet as pq
 
 SHARD_SUFFIXES = (".arrow", ".parquet")
 
-# Arrow's default allocator in this pyarrow (mimalloc) hands freed memory back to the kernel and
-# takes fresh pages for the next batch: at 1M documents the lexical stage took 9.9 s and the write
-# stage 8.4 s with it, 5.9 s and 4.5 s with the C library's allocator (reading one small column
-# of a 1 GB IPC shard: 1.0-1.2 s against 0.015 s). A pool the user chose is kept.
-if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-    pa.set_memory_pool(pa.system_memory_pool())
+
+
+@contextlib.contextmanager
+def arrow_allocator() -> Iterator[None]:
+    """Arrow allocates from the C library's allocator while the pipeline runs, then the caller's
+    pool is back (`import hardneg` changes nothing). This pyarrow's default (mimalloc) hands freed
+    memory back to the kernel and takes fresh pages for the next batch: at 1M documents the lexical
+    stage took 9.9 s and the write stage 8.4 s with it, 5.9 s and 4.5 s with the C library's
+    (reading one small column of a 1 GB IPC shard: 1.0-1.2 s against 0.015 s). A pool the user
+    chose with ARROW_DEFAULT_MEMORY_POOL is kept."""
+    before = use_pipeline_allocator()
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
+
+
+def use_pipeline_allocator() -> pa.MemoryPool:
+    """Set `arrow_allocator`'s pool for good (in a process of the pipeline's own: a Ray worker);
+    returns the pool before."""
+    before = pa.default_memory_pool()
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        pa.set_memory_pool(pa.system_memory_pool())
+    return before
 
 
 def shard_files(directory: Path) -> list[Path]:
@@ -91,9 +110,11 @@ def _file_batches(file: Path, batch_size: int, columns: list[str] | None, whole:
             batch = reader.get_batch(i)
             held.append(batch)
             rows += batch.num_rows
-            if whole and rows >= batch_size:
-                yield pa.Table.from_batches(held)
-                held, rows = [], 0
+            if whole:
+                if rows >= batch_size:
+                    yield pa.Table.from_batches(held)
+                    held, rows = [], 0
+                continue
             while rows >= batch_size:
                 table = pa.Table.from_batches(held)
                 yield table.slice(0, batch_size).combine_chunks()

@@ -372,3 +372,21 @@ def test_doc_ids_find_rows_by_id_and_none_in_an_empty_corpus():
     assert ids.rows(pa.array(["d1", "x", "d10", "a-long-document-id", "d2"])).tolist() == [3, -1, 0, 2, 1]
     assert DocIds(pa.array([], pa.string())).rows(pa.array(["d1", "d2"])).tolist() == [-1, -1]
     assert ids.rows(pa.array([], pa.string())).tolist() == []
+
+
+def test_the_pipeline_allocator_is_set_only_while_the_pipeline_runs():
+    """`import hardneg` leaves pyarrow's memory pool alone; a run swaps in the C library's
+    allocator and gives the caller's pool back after."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, pyarrow as pa; os.environ.pop('ARROW_DEFAULT_MEMORY_POOL', None)\n"
+            "before = pa.default_memory_pool().backend_name\n"
+            "import hardneg, hardneg.stages.io as io\n"
+            "assert pa.default_memory_pool().backend_name == before, 'import changed the pool'\n"
+            "with io.arrow_allocator():\n"
+            "    assert pa.default_memory_pool().backend_name == 'system'\n"
+            "assert pa.default_memory_pool().backend_name == before\n")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -41,7 +41,7 @@ from hardneg.pipeline.errors import WorkerError
 from hardneg.pipeline.executors import batch_delay_for_tests
 from hardneg.pipeline.progress import progress_bar
 from hardneg.stages.base import MapStage, local_cpus
-from hardneg.stages.io import ShardWriter, count_rows, iter_batches
+from hardneg.stages.io import ShardWriter, count_rows, iter_batches, use_pipeline_allocator
 
 log = logging.getLogger("hardneg")
 
@@ -68,6 +68,7 @@ class MapWorker:
 
     def __init__(self, nice: int, warm: MapStage | None = None) -> None:
         _renice(nice)
+        use_pipeline_allocator()
         self._stages: dict[str, MapStage] = {}
         if warm is not None:
             try:
