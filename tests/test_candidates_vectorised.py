@@ -297,3 +297,26 @@ def test_batches_side_by_side_write_the_shards_of_one_at_a_time(mined, queries, 
     assert side.local_batches == 2 and len({n for n in side.threads_seen if n.startswith("hardneg-candidates")}) == 2
     assert alone.threads_seen == {threading.current_thread().name}
     assert read_table(tmp_path / "side").equals(read_table(tmp_path / "alone"))
+
+
+def test_batch_vectors_widen_alike_with_and_without_numba(tmp_path, monkeypatch):
+    """A batch's stored vectors come back as float64 the same with the compiled gather and with
+    numpy's (numba absent); rows < 0 give zero vectors; a second batch in the same thread reuses
+    the slot table and still finds its own rows."""
+    import hardneg.stages.candidates as candidates
+
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((50, 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", matrix)
+    source = VectorFile(tmp_path / "v.npy")
+    assert np.array_equal(candidates.sorted_unique(np.array([7, 3, 7, 0, 3])), np.array([0, 3, 7]))
+    for rows in (np.array([9, 2, 41, 2, 17]), np.array([3, 44, 9, 0])):
+        vectors = candidates._BatchVectors(source, rows)
+        grid = np.array([[rows[0], -1, rows[1]], [rows[-1], rows[2], -1]])
+        compiled = vectors._get(grid)
+        monkeypatch.setattr(candidates, "_compiled_widen", lambda: None)
+        plain = vectors._get(grid)
+        monkeypatch.undo()
+        expected = np.where((grid >= 0)[..., None], matrix[np.maximum(grid, 0)].astype(np.float64), 0.0)
+        assert compiled.dtype == plain.dtype == np.float64
+        assert np.array_equal(compiled, expected) and np.array_equal(plain, expected)
