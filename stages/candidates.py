@@ -25,6 +25,7 @@ Python's string order).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -128,9 +129,7 @@ def _thread_slots(n_docs: int) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _compiled_widen():
     """A compiled gather of a batch's float32 rows into float64, or None without numba."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("numba") is None:
         return None
     from hardneg.stages.engines.compiled import njit
 
