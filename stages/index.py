@@ -9,6 +9,7 @@ index is built from the memmap in chunks.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -21,7 +22,7 @@ import pyarrow as pa
 from hardneg.stages.engines.faiss_index import IndexConfig, build_index
 from hardneg.stages.base import GlobalStage
 from hardneg.stages.io import DocIds
-from hardneg.stages.io import ShardWriter, embedding_matrix, iter_batches, read_group, release_pages, shard_files, shard_groups, shard_schema
+from hardneg.stages.io import IPC_BATCH_BYTES, ShardWriter, embedding_matrix, iter_batches, read_group, release_pages, shard_files, shard_groups, shard_schema
 
 
 class IndexStage(GlobalStage):
@@ -58,19 +59,39 @@ def write_vectors(embeddings: Path, row_of: DocIds, path: Path) -> np.memmap:
     dim = embedding_dim(embeddings)
     matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(row_of), dim))
     filled = np.zeros(len(row_of), dtype=bool)
-    for rows, values in _decoded_shards(embeddings, row_of, dim):
-        known = rows >= 0  # vectors of ids outside the corpus are not needed
-        if not known.all():
-            rows, values = rows[known], values[known]
-        matrix[rows] = values
-        filled[rows] = True
-        release_pages(matrix)  # written pages go to the file, not this process's memory
+    with open(path, "r+b", buffering=0) as file:
+        for rows, values in _decoded_shards(embeddings, row_of, dim):
+            known = rows >= 0  # vectors of ids outside the corpus are not needed
+            if not known.all():
+                rows, values = rows[known], values[known]
+            if _is_run(rows):
+                # Consecutive rows (vectors stored in corpus order, the usual case) are written
+                # to the file: through the mapping every page cost a fault and the zeroing of a
+                # new page (at 1M, 5.7 s where these writes take 0.45 s).
+                _write_at(file, matrix.offset + int(rows[0]) * matrix.strides[0], values)
+            else:
+                matrix[rows] = values
+                release_pages(matrix)  # written pages go to the file, not this process's memory
+            filled[rows] = True
     if not filled.all():
         raise ValueError(f"{int((~filled).sum())} corpus documents have no embedding")
     # No msync: like every shard in the work dir, the file is whole in the page cache once written
     # (a killed process loses none of it), and the stage's manifest, written last, marks it done.
     del matrix
     return np.load(path, mmap_mode="r")
+
+
+def _is_run(rows: np.ndarray) -> bool:
+    return len(rows) > 0 and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((np.diff(rows) == 1).all())
+
+
+def _write_at(file, offset: int, values: np.ndarray) -> None:
+    """`values`' bytes at `offset` of `file`, in writes of IPC_BATCH_BYTES (one huge write(2)
+    took this VM several times as long as the same bytes in megabytes)."""
+    data = memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B")
+    done = 0
+    while done < len(data):  # pwrite may write less than asked
+        done += os.pwrite(file.fileno(), data[done:done + IPC_BATCH_BYTES], offset + done)
 
 
 def _decoded_shards(embeddings: Path, row_of: DocIds, dim: int, ahead: int = 2):

@@ -351,3 +351,29 @@ def test_vectors_file_places_each_shards_vectors_at_their_corpus_rows(tmp_path: 
         writer.write(table(0, n - 1))
     with pytest.raises(ValueError, match="1 corpus documents have no embedding"):
         write_vectors(tmp_path / "short", corpus, tmp_path / "short.npy")
+
+
+def test_vectors_in_corpus_order_are_written_as_runs_beside_scattered_ones(tmp_path: Path) -> None:
+    """Batches whose rows follow each other are written to the file directly, the others through
+    the mapping: both land at their rows, and a later batch still overwrites an earlier one."""
+    import pyarrow as pa
+
+    from hardneg.stages.index import write_vectors
+    from hardneg.stages.io import DocIds, ShardWriter
+
+    n, d = 1_000, 8
+    vectors = random_unit(n, d, 0)
+    corpus = DocIds(pa.array([f"d{i}" for i in range(n)]))
+    scattered = np.random.default_rng(1).permutation(np.arange(500, 600))
+    order = np.concatenate([np.arange(0, 500), scattered, np.arange(600, n), np.arange(10, 20)])
+    late = random_unit(10, d, 4)  # rows 10..19 again, in a run of their own, last in file order
+    rows = np.vstack([vectors[order[:-10]], late])
+    with ShardWriter(tmp_path / "emb", rows_per_shard=450) as writer:
+        for lo in range(0, len(order), 100):
+            hi = min(lo + 100, len(order))
+            writer.write(pa.table({"id": [f"d{i}" for i in order[lo:hi]],
+                                   "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows[lo:hi].ravel()), d)}))
+    matrix = write_vectors(tmp_path / "emb", corpus, tmp_path / "vectors.npy")
+    expected = vectors.copy()
+    expected[10:20] = late
+    assert np.array_equal(np.asarray(matrix), expected)
