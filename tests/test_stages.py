@@ -374,6 +374,31 @@ def test_doc_ids_find_rows_by_id_and_none_in_an_empty_corpus():
     assert ids.rows(pa.array([], pa.string())).tolist() == []
 
 
+def test_doc_ids_hash_lookups_equal_the_binary_search(monkeypatch):
+    """Large lookups of ids of at most 8 bytes go through a hash table: the same rows as the
+    binary search for ids in the corpus, missing, longer than any corpus id, empty, and for
+    sliced and chunked arrays."""
+    import pyarrow as pa
+
+    from hardneg.stages import io
+
+    rng = np.random.default_rng(2)
+    corpus = [f"d{i}" for i in rng.permutation(20_000)] + ["abcdefgh", "x", "é1"]
+    ids = io.DocIds(pa.array(corpus))
+    needles = pa.array([f"d{i}" for i in rng.integers(0, 25_000, 9_000)] + ["abcdefgh", "abcdefg", "x", "", "é1",
+                                                                            "abcdefghi", "a-much-longer-id"])
+    cases = [needles, needles.slice(17, 6_000), pa.chunked_array([needles.slice(0, 5_000), needles.slice(5_000)])]
+    monkeypatch.setattr(io, "HASH_LOOKUPS", 1)
+    hashed = [ids.rows(c) for c in cases]
+    assert getattr(ids, "_slots", None) is not None or io._compiled_hash() is None
+    monkeypatch.setattr(io, "HASH_LOOKUPS", 10**12)
+    searched = [ids.rows(c) for c in cases]
+    for a, b in zip(hashed, searched):
+        assert np.array_equal(a, b)
+    assert (hashed[0] >= 0).sum() > 7_000 and (hashed[0] == -1).sum() > 1_000
+    assert hashed[0][-7:].tolist() == [20_000, -1, 20_001, -1, 20_002, -1, -1]
+
+
 def test_the_pipeline_allocator_is_set_only_while_the_pipeline_runs():
     """`import hardneg` leaves pyarrow's memory pool alone; a run swaps in the C library's
     allocator and gives the caller's pool back after."""
