@@ -42,6 +42,8 @@ class PositiveLexicon:
         self._ids = table.column("doc_id").combine_chunks()
         self._texts = table.column("text").combine_chunks()
         self._rows = DocIds(self._ids)  # id -> position in _texts (ingest wrote each id once)
+        # Each positive's query terms, tokenised once here rather than again in every batch.
+        self._tokens = self.index.prepare(self._texts.to_pylist()) if len(self._texts) else []
 
     @property
     def texts(self) -> dict[str, str]:
@@ -72,7 +74,7 @@ class PositiveLexicon:
         best = np.full(int(counts.sum()), -np.inf)
         per_positive = counts[pos_group]
         if len(best) and per_positive.sum():
-            tokens = self.index.prepare(self._texts.take(pa.array(at)).to_pylist())
+            tokens = [self._tokens[i] for i in at.tolist()]
             pair_positive = np.repeat(np.arange(len(at), dtype=np.int64), per_positive)
             pair_candidate = np.repeat(starts[pos_group] - np.cumsum(per_positive) + per_positive, per_positive) \
                 + np.arange(int(per_positive.sum()))
