@@ -486,8 +486,9 @@ class ShardWriter:
 
 class DocIds:
     """The corpus's document ids (an Arrow array, row order) with numpy lookups: id -> row by a
-    binary search of the ids' UTF-8 bytes, row -> string-order rank. No Python object per
-    document (a dict of a million ids costs ~100 MB per worker)."""
+    binary search of the ids' UTF-8 bytes (or, for many ids of at most 8 bytes, a compiled hash
+    table), row -> string-order rank. No Python object per document (a dict of a million ids
+    costs ~100 MB per worker)."""
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
         if isinstance(ids, pa.ChunkedArray):
