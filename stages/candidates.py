@@ -146,6 +146,25 @@ def _compiled_widen():
     return widen
 
 
+def _query_key(q: np.ndarray, n: int) -> np.ndarray:
+    """A batch's query indices as the narrowest sort key: np.lexsort radix-sorts 16-bit keys,
+    where int64 keys take a comparison sort (a batch's two fusion sorts: 9.9 -> 6.5 ms)."""
+    return q.astype(np.int16) if n <= np.iinfo(np.int16).max else q
+
+
+def _unique_first_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, return_index=True, return_inverse=True)[1:] by one stable sort: the index of
+    each distinct key's first occurrence (in key order) and each element's distinct-key slot."""
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    new = np.empty(len(key), dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(len(key), dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return order[new], inverse
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """np.unique of a 1-D integer array by one sort: numpy 2's np.unique took 4x as long."""
     values = np.sort(values)
@@ -183,8 +202,13 @@ class _PairScores:
         out = self._dots[np.minimum(self._at(q, rows), len(self._keys) - 1)]
         return np.where(rows >= 0, out, np.float32(-np.inf))
 
-    def cosines(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return self._cosines[self._at(q, rows)] if len(rows) else np.zeros(0, np.float32)
+    def dots_and_cosines(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`dots` and the highest cosines to the positives of pairs that were all scored (rows >= 0),
+        by one lookup."""
+        if len(rows) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        at = self._at(q, rows)
+        return self._dots[at], self._cosines[at]
 
 
 def _grid(group: np.ndarray, values: np.ndarray, n: int, fill: int = -1) -> np.ndarray:
@@ -363,7 +387,7 @@ class CandidatesStage(MapStage):
         valid = rows >= 0
         q = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)[valid]
         r, s = rows[valid], scores[valid]
-        order = np.lexsort((self._ids.rank[r], -s, q))
+        order = np.lexsort((self._ids.rank[r], -s, _query_key(q, len(rows))))
         q, r, s = q[order], r[order], s[order]
         keep = ~_masked(q, r, mask_keys, len(self._ids))
         return _first_k(q[keep], self.range_max, r[keep], s[keep])
@@ -377,24 +401,23 @@ class CandidatesStage(MapStage):
         src = np.concatenate([np.full(len(s[0]), i) for i, (_, s) in enumerate(sources)] + [np.zeros(0, np.int64)])
         score = np.concatenate([np.asarray(s[3], np.float64) for _, s in sources] + [np.zeros(0)])
         key = q * len(self._ids) + row
-        unique, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        first, inverse = _unique_first_inverse(key)
         # Sources added in their order from 0.0, as sum order decides the last bit.
-        fused = np.zeros(len(unique))
+        fused = np.zeros(len(first))
         for i in range(len(sources)):
             at = src == i
             np.add.at(fused, inverse[at], 1.0 / (self.rrf_k + rank[at]).astype(np.float64))
         out = {"q": q[first], "row": row[first], "fused": fused}
         for i, (name, _) in enumerate(sources):
             at = src == i
-            found = np.zeros(len(unique), dtype=bool)
+            found = np.zeros(len(first), dtype=bool)
             found[inverse[at]] = True
-            ranks = np.zeros(len(unique), dtype=np.int64)
+            ranks = np.zeros(len(first), dtype=np.int64)
             ranks[inverse[at]] = rank[at]
-            scores = np.zeros(len(unique))
+            scores = np.zeros(len(first))
             scores[inverse[at]] = score[at]
             out.update({f"{name}_found": found, f"{name}_rank": ranks, f"{name}_score": scores})
-        order = np.lexsort((self._ids.rank[out["row"]], -fused, out["q"]))
+        order = np.lexsort((self._ids.rank[out["row"]], -fused, _query_key(out["q"], n)))
         out = {key_: value[order] for key_, value in out.items()}
         out["counts"] = np.bincount(out["q"], minlength=n)
         return out
@@ -441,7 +464,7 @@ class CandidatesStage(MapStage):
                  pos_rows: np.ndarray, pos_scores: np.ndarray, pos_ranks: np.ndarray) -> dict[str, pa.Array]:
         n, counts = batch.num_rows, cand["counts"]
         pos_counts = np.bincount(pos_q, minlength=n) if len(pos_q) else np.zeros(n, dtype=np.int64)
-        dense, similarity = exact.dots(cand["q"], cand["row"]), exact.cosines(cand["q"], cand["row"])
+        dense, similarity = exact.dots_and_cosines(cand["q"], cand["row"])
         ints, floats = pa.int64(), pa.float32()
         columns = {
             "positive_dense_scores": _list_array(pos_counts, pa.array(pos_scores, floats)),

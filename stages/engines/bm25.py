@@ -483,7 +483,11 @@ class BM25Index:
             rows = np.concatenate([p[0] for p in parts] + [np.zeros(0, np.int64)]).astype(np.int64)
             return query, rows, np.concatenate([p[1] for p in parts] + [np.zeros(0)]).astype(np.float64)
         indptr = self._retriever.scores["indptr"]
-        sizes = np.array([int((indptr[t + 1] - indptr[t]).sum()) for t in token_ids], dtype=np.int64)
+        flat, offsets = _flat_terms(token_ids)
+        # Each query's postings: its terms' posting-list lengths summed (by prefix sums, in one pass).
+        summed = np.zeros(len(flat) + 1, dtype=np.int64)
+        np.cumsum(np.diff(indptr)[flat], out=summed[1:])
+        sizes = summed[offsets[1:]] - summed[offsets[:-1]]
         # Groups of about equal postings, at least one per thread, none above the budget.
         budget = min(POSTINGS_BUDGET, max(1, -(-int(sizes.sum()) // max(1, n_threads))))
         groups, start, load = [], 0, 0
@@ -493,9 +497,6 @@ class BM25Index:
                 start, load = i, 0
             load += size
         groups.append((start, len(token_ids)))
-
-        if USE_NUMBA:
-            flat, offsets = _flat_terms(token_ids)
 
         def run(group: tuple[int, int]) -> tuple[np.ndarray, ...]:
             if USE_NUMBA:
