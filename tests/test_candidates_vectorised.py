@@ -302,7 +302,8 @@ def test_batches_side_by_side_write_the_shards_of_one_at_a_time(mined, queries, 
 def test_batch_vectors_widen_alike_with_and_without_numba(tmp_path, monkeypatch):
     """A batch's stored vectors come back as float64 the same with the compiled gather and with
     numpy's (numba absent); rows < 0 give zero vectors; a second batch in the same thread reuses
-    the slot table and still finds its own rows."""
+    the slot table and still finds its own rows. The sort-based unique helpers agree with
+    np.unique."""
     import hardneg.stages.candidates as candidates
 
     rng = np.random.default_rng(5)
@@ -310,6 +311,10 @@ def test_batch_vectors_widen_alike_with_and_without_numba(tmp_path, monkeypatch)
     np.save(tmp_path / "v.npy", matrix)
     source = VectorFile(tmp_path / "v.npy")
     assert np.array_equal(candidates.sorted_unique(np.array([7, 3, 7, 0, 3])), np.array([0, 3, 7]))
+    keys = rng.integers(0, 40, 300)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    mine = candidates._unique_first_inverse(keys)
+    assert np.array_equal(mine[0], first) and np.array_equal(mine[1], inverse.reshape(-1))
     for rows in (np.array([9, 2, 41, 2, 17]), np.array([3, 44, 9, 0])):
         vectors = candidates._BatchVectors(source, rows)
         grid = np.array([[rows[0], -1, rows[1]], [rows[-1], rows[2], -1]])

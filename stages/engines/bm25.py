@@ -486,7 +486,7 @@ class BM25Index:
         flat, offsets = _flat_terms(token_ids)
         # Each query's postings: its terms' posting-list lengths summed (by prefix sums, in one pass).
         summed = np.zeros(len(flat) + 1, dtype=np.int64)
-        np.cumsum(np.diff(indptr)[flat], out=summed[1:])
+        np.cumsum(indptr[flat + 1] - indptr[flat], out=summed[1:])
         sizes = summed[offsets[1:]] - summed[offsets[:-1]]
         # Groups of about equal postings, at least one per thread, none above the budget.
         budget = min(POSTINGS_BUDGET, max(1, -(-int(sizes.sum()) // max(1, n_threads))))
