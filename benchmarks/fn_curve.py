@@ -68,12 +68,16 @@ def mine_and_load(beir: Path, work: Path, overrides: dict[str, Any]):
     from hardneg.pipeline.config import MineConfig
     from hardneg.pipeline.runner import Pipeline
 
-    keys = {**overrides, **FIXED}
-    digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = work / "runs" / digest  # beside the stage cache: an output may not sit inside a work dir
-    cache = work / "cache"
-    Pipeline(MineConfig(beir=beir, out=out, work_dir=cache, **keys), progress=False).run()
+    out, cache = run_dir(work, overrides), work / "cache"
+    Pipeline(MineConfig(beir=beir, out=out, work_dir=cache, **{**overrides, **FIXED}), progress=False).run()
     return ev.load(beir, out, work_dir=cache)
+
+
+def run_dir(work: Path, overrides: dict[str, Any]) -> Path:
+    """Where one configuration's output lives in a collection's work dir: named by a hash of the
+    configuration, beside the stage cache (an output may not sit inside a work dir)."""
+    keys = {**overrides, **FIXED}
+    return work / "runs" / hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def query_sets(beir: Path, qrels: dict[str, dict[str, float]], only: set[str] | None, min_relevant: int) -> dict[str, set[str]]:

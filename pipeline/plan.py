@@ -147,11 +147,37 @@ def index_plan(c: MineConfig, m: Machine) -> list[Node]:
     ]
 
 
+def _filter_inputs(c: MineConfig, m: Machine, specs: list[dict], scored: str, bm25: dict[str, str],
+                   queries: str) -> tuple[list[Node], str, dict[str, str]]:
+    """The stages some filters read, when they are configured: the lexical scores (a map stage the
+    filter then streams) and the query neighbours (a table beside it). Returns the nodes, the node
+    the filter streams and the filter's further inputs."""
+    from hardneg.stages.filters import neighbour_depth
+
+    nodes: list[Node] = []
+    extra: dict[str, str] = {}
+    if any(spec["type"] == "lexical_duplicate" for spec in specs):
+        from hardneg.stages.lexical import LexicalStage
+
+        nodes.append(Node("lexical", lambda i: LexicalStage(
+            bm25_dir=i["bm25"], bm25_config=c.bm25, corpus_dir=i["corpus"], rows_dir=i["scored"], max_workers=c.workers,
+            threads=m.threads,
+        ), {"scored": scored, **bm25, "corpus": "ingest/corpus"}, rows="scored", covered=("corpus",)))
+        scored = "lexical"
+    if neighbour_depth(specs):
+        from hardneg.stages.query_neighbours import QueryNeighboursStage
+
+        nodes.append(Node("query_neighbours", lambda i: QueryNeighboursStage(neighbour_depth(specs), c.index),
+                          {"queries": queries}))
+        extra["neighbours"] = "query_neighbours"
+    return nodes, scored, extra
+
+
 def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
     """Every stage of `hardneg mine`, in the order they run."""
     from hardneg.stages.calibrate import CalibrateStage, calibrated_config, needs_calibration
     from hardneg.stages.candidates import CandidatesStage
-    from hardneg.stages.filters import FilterStage, reads_bm25, specs_from_config
+    from hardneg.stages.filters import FilterStage, reads_bm25, similarity_top, specs_from_config
     from hardneg.stages.sample import SampleStage
     from hardneg.stages.write import WriteStage
 
@@ -172,6 +198,7 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
         miners=c.miners, range_max=c.range_max, rrf_k=c.rrf_k, index_dir=i["index"],
         index_config=calibrated_config(c.index, i["calibration"]) if "calibration" in i else c.index,
         bm25_dir=i.get("bm25"), bm25_config=c.bm25, threads=m.threads, max_workers=c.workers, score_bm25=score_bm25,
+        similarity_top=similarity_top(specs),
     ), {"queries": queries, "index": "index", **bm25, "calibration": "calibrate"}, rows="queries"))
     scored = "candidates"
     if c.cross_encoder:
@@ -183,17 +210,12 @@ def mine_plan(c: MineConfig, m: Machine) -> list[Node]:
             device=m.device, threads=m.threads, trust_remote_code=c.trust_remote_code, max_workers=c.workers,
             corpus_dir=i["corpus"],
         ), {"candidates": "candidates", "corpus": "ingest/corpus"}, rows="candidates", covered=("corpus",)))
-    if any(spec["type"] == "lexical_duplicate" for spec in specs):
-        from hardneg.stages.lexical import LexicalStage
-
-        nodes.append(Node("lexical", lambda i: LexicalStage(
-            bm25_dir=i["bm25"], bm25_config=c.bm25, corpus_dir=i["corpus"], rows_dir=i["scored"], max_workers=c.workers,
-            threads=m.threads,
-        ), {"scored": scored, **bm25, "corpus": "ingest/corpus"}, rows="scored", covered=("corpus",)))
-        scored = "lexical"
+    added, scored, extra = _filter_inputs(c, m, specs, scored, bm25, queries)
+    nodes += added
     nodes.append(Node("filter", lambda i: FilterStage(
         specs, seed=c.seed, fit_input=i["scored"], false_negatives=c.false_negatives, threads=m.threads,
-    ), {"scored": scored}, rows="scored"))
+        neighbours_dir=i.get("neighbours"),
+    ), {"scored": scored, **extra}, rows="scored"))
     nodes.append(Node("sample", lambda i: SampleStage(
         num_negatives=c.num_negatives, strategy=c.sampling_strategy, seed=c.seed, score=c.score,
         temperature=c.temperature, mmr_lambda=c.mmr_lambda, index_dir=i["index"],

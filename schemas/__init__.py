@@ -52,6 +52,8 @@ def embeddings_schema(dim: int) -> pa.Schema:
 # `positive_ranks` (aligned with positive_ids): each positive's dense rank among the whole corpus
 # for its query, 1 + the number of documents scoring higher. `positive_similarity` (aligned with
 # candidate_ids): each candidate's highest document-document cosine to the query's positives.
+# `top_similarity` (aligned with candidate_ids; null unless a pseudo_relevance filter asks): each
+# candidate's highest cosine to its query's first few candidates, null for those themselves.
 CANDIDATES = pa.schema(
     list(QUERIES)
     + [
@@ -66,6 +68,7 @@ CANDIDATES = pa.schema(
         ("bm25_ranks", _ints),
         ("fused_ranks", _ints),
         ("positive_similarity", _floats),
+        ("top_similarity", _floats),
     ]
 )
 

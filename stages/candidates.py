@@ -95,15 +95,30 @@ class _BatchVectors:
         for a, b in self._chunks(len(grid), grid.shape[1] + positives.shape[1]):
             vectors = self._get(grid[a:b])
             dots[a:b] = np.matmul(vectors, q[a:b, :, None])[:, :, 0].astype(np.float32)
-            if positives.shape[1] == 0:
-                continue
-            cos = np.matmul(vectors, self._get(positives[a:b]).transpose(0, 2, 1))
-            cos[np.broadcast_to((positives[a:b] < 0)[:, None, :], cos.shape)] = -np.inf
-            best = cos.max(axis=2)
-            best[(positives[a:b] < 0).all(axis=1)] = np.nan
-            best_all[a:b] = best.astype(np.float32)
+            if positives.shape[1]:
+                best_all[a:b] = _max_cosine(vectors, self._get(positives[a:b]), positives[a:b] < 0)
         dots[grid < 0] = -np.inf
         return dots, best_all
+
+    def max_cosine(self, grid: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """Per grid[i, j], the highest cosine of that row's vector to the vectors of others[i]
+        (float32; NaN where query i has none): exact_and_max_cosine without the query."""
+        best_all = np.full(grid.shape, np.nan, dtype=np.float32)
+        if grid.shape[1] == 0 or others.shape[1] == 0:
+            return best_all
+        for a, b in self._chunks(len(grid), grid.shape[1] + others.shape[1]):
+            best_all[a:b] = _max_cosine(self._get(grid[a:b]), self._get(others[a:b]), others[a:b] < 0)
+        return best_all
+
+
+def _max_cosine(vectors: np.ndarray, others: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Per query (first axis) and row, the highest dot product with the query's `others` that are
+    not `missing` (float32; NaN where all are)."""
+    cos = np.matmul(vectors, others.transpose(0, 2, 1))
+    cos[np.broadcast_to(missing[:, None, :], cos.shape)] = -np.inf
+    best = cos.max(axis=2)
+    best[missing.all(axis=1)] = np.nan
+    return best.astype(np.float32)
 
 
 def _thread_scratch(n: int, dim: int) -> np.ndarray:
@@ -267,6 +282,7 @@ class CandidatesStage(MapStage):
         batch_size: int = 256,
         max_workers: int | None = None,
         score_bm25: bool = False,
+        similarity_top: int | None = None,
     ) -> None:
         super().__init__()
         self.miners = list(miners)
@@ -278,6 +294,8 @@ class CandidatesStage(MapStage):
         self.bm25_config = bm25_config
         # Score every candidate with BM25 even when BM25 is not a miner (a filter reads it).
         self.score_bm25 = bool(score_bm25) or "bm25" in self.miners
+        # Each candidate's cosine to its query's first `similarity_top` candidates (a filter reads it).
+        self.similarity_top = int(similarity_top) if similarity_top else None
         # A Ray actor sees only the GPUs it requests: request the one the index will search on.
         self.search_device = search_device(Path(index_dir) / "faiss", index_config)
         self.resources = Resources(num_cpus=threads, num_gpus=1.0 if self.search_device == "gpu" else 0.0,
@@ -289,7 +307,8 @@ class CandidatesStage(MapStage):
 
     def fingerprint_config(self) -> dict[str, Any]:
         # The index and BM25 files are upstream stages: their fingerprints are chained in.
-        return {"miners": self.miners, "range_max": self.range_max, "rrf_k": self.rrf_k, "score_bm25": self.score_bm25}
+        config = {"miners": self.miners, "range_max": self.range_max, "rrf_k": self.rrf_k, "score_bm25": self.score_bm25}
+        return {**config, "similarity_top": self.similarity_top} if self.similarity_top else config
 
     def setup(self) -> None:
         from hardneg.stages.engines.faiss_index import AnnIndex
@@ -363,6 +382,7 @@ class CandidatesStage(MapStage):
             sources.append(("bm25", _first_k(q[keep], self.range_max, rows[keep], scores[keep])))
         cand = self._fuse(sources, n)
         columns = self._columns(batch, exact, tokens, cand, pos_q, pos_rows, pos_scores, pos_ranks)
+        columns["top_similarity"] = self._top_similarity(vectors, cand, n)
         out = batch.drop_columns(["embedding"])
         for name in schemas.CANDIDATES.names[len(schemas.QUERIES):]:
             out = out.append_column(name, columns[name].cast(schemas.CANDIDATES.field(name).type))
@@ -494,6 +514,18 @@ class CandidatesStage(MapStage):
         columns["positive_bm25_scores"] = _list_array(
             pos_counts, pa.array(self._bm25.score_rows(tokens, pos_q, pos_bm25_rows), pa.float64()))
         return columns
+
+    def _top_similarity(self, vectors: _BatchVectors, cand: dict, n: int) -> pa.Array:
+        """Per candidate, its highest cosine to the query's first `similarity_top` candidates in
+        fused order (pseudo-relevant documents: the most likely relevant of the pool); null for
+        those candidates themselves, and everywhere when no filter asked for it."""
+        if not self.similarity_top:
+            return pa.nulls(n, schemas.CANDIDATES.field("top_similarity").type)
+        position = _positions(cand["q"], cand["counts"])
+        grid = _grid(cand["q"], cand["row"], n)
+        best = vectors.max_cosine(grid, grid[:, :self.similarity_top])[grid >= 0]  # row-major: candidate order
+        best[position < self.similarity_top] = np.nan
+        return _list_array(cand["counts"], pa.array(best, pa.float32(), mask=np.isnan(best)))
 
     def _bm25_index_rows(self, rows: np.ndarray) -> np.ndarray:
         # Inverse of the BM25 row -> index row map, for the rare corpus listed in another order.

@@ -23,6 +23,8 @@ in its order. Types:
 | `ce_margin` | `value` | whose cross-encoder score is above the positive's - value |
 | `lexical_duplicate` | `value` (0-100) | whose BM25 score with the query's positive as the BM25 query (a lexical near-duplicate of the positive) is above the value-th percentile of its query's candidates |
 | `pu` | `budget`, `far`, `relabel` | whose relevance, as a model fitted on the run's own positives estimates it, is above the level `budget` sets (below) |
+| `neighbour_positive` | `k` (2) | that is a known positive of one of its query's `k` nearest other queries (query-query cosine) |
+| `pseudo_relevance` | `value` (0-100), `top` (3) | whose highest cosine to its query's `top` first candidates is above the value-th percentile of its query's candidates |
 
 "positive" is the query's lowest-scoring positive under the filter's score; |positive| keeps the
 relative margin correct when scores are negative. A candidate without the score a filter reads is
@@ -36,6 +38,17 @@ scores against the text of each of the query's positives (the highest over its p
 per query as a percentile, so it carries across collections, models and BM25 score scales with no
 threshold to re-tune. The lexical stage before the filter computes them from the run's BM25 index
 (stages/lexical.py), so a run that only changes a filter does not score them again.
+
+`neighbour_positive` passes the dataset's own labels between queries: two queries that ask nearly
+the same thing share relevant documents, so a document judged relevant for one is no negative for
+the other. The query_neighbours stage finds each query's nearest queries once per run
+(stages/query_neighbours.py); the filter stage adds each candidate's neighbour rank
+(`neighbour_positive_ranks`) before it decides. `pseudo_relevance` reads the cluster hypothesis the
+other way: a query's first candidates (fused order) are its most likely relevant documents, and a
+candidate very close to one of them is likely relevant too. The candidates stage computes that
+cosine (`top_similarity`) when this filter asks for it; the first `top` candidates themselves have
+none and are never dropped by it. Both are rank-normalised (a neighbour rank, a per-query
+percentile), so no threshold depends on the model or the collection.
 
 `pu` (positive-unlabelled learning) adapts to the data at hand instead of fixing a cosine or a
 percentile: one logistic regression per run, fitted on the run's own candidates table (`PUModel`),
@@ -66,6 +79,7 @@ import pyarrow.compute as pc
 
 from hardneg.pipeline.errors import FilterSpecError
 from hardneg.stages.base import MapStage, Resources
+from hardneg.stages.io import lists_like
 
 log = logging.getLogger("hardneg")
 
@@ -91,6 +105,8 @@ FILTER_TYPES: dict[str, tuple[dict[str, Any], str | None]] = {
     "ce_margin": ({"value": None}, "cross_encoder"),
     "lexical_duplicate": ({"value": None}, "bm25"),
     "pu": ({"budget": 0.3, "far": 50, "relabel": 0.5}, "dense"),
+    "neighbour_positive": ({"k": 2}, "dense"),
+    "pseudo_relevance": ({"value": None, "top": 3}, "dense"),
 }
 RELABEL = "relabel:"  # decision prefix of a candidate a filter judged relevant with high confidence
 ST_KEYS = ("range_min", "max_score", "min_score", "absolute_margin", "relative_margin")
@@ -140,7 +156,7 @@ def normalize_spec(spec: dict[str, Any], default_score: str = "dense", taken: se
         value = spec.get(param, default)
         if value is None:
             raise FilterSpecError(f"filter {kind}: missing {param}")
-        out[param] = _number(value, f"filter {kind}.{param}", integer=param in ("top", "far") or kind.startswith("range_"))
+        out[param] = _number(value, f"filter {kind}.{param}", integer=param in ("top", "far", "k") or kind.startswith("range_"))
     if fixed_score is not None:
         if spec.get("score") not in (None, fixed_score):
             raise FilterSpecError(f"filter {kind} reads the {fixed_score} score, not {spec['score']!r}")
@@ -152,12 +168,14 @@ def normalize_spec(spec: dict[str, Any], default_score: str = "dense", taken: se
         out["score"] = score
     if kind == "range_min" and out["value"] < 0 or kind == "range_max" and out["value"] <= 0:
         raise FilterSpecError(f"filter {kind}: value out of range")
-    if kind in ("percentile", "lexical_duplicate") and not 0 <= out["value"] <= 100:
+    if kind in ("percentile", "lexical_duplicate", "pseudo_relevance") and not 0 <= out["value"] <= 100:
         raise FilterSpecError(f"filter {kind}: value must be within 0..100")
     if kind == "pu" and not (0 <= out["budget"] <= 1 and 0 <= out["relabel"] <= 1 and out["far"] >= 1):
         raise FilterSpecError("filter pu: budget and relabel must be within 0..1, far at least 1")
-    if kind == "agreement" and out["top"] <= 0:
-        raise FilterSpecError("filter agreement: top must be positive")
+    if kind in ("agreement", "pseudo_relevance") and out["top"] <= 0:
+        raise FilterSpecError(f"filter {kind}: top must be positive")
+    if kind == "neighbour_positive" and out["k"] <= 0:
+        raise FilterSpecError("filter neighbour_positive: k must be positive")
     name = spec.get("name") or kind
     if not isinstance(name, str) or name == KEPT or name.startswith(RELABEL):
         raise FilterSpecError(f"filter {kind}: invalid name {name!r}")
@@ -186,6 +204,17 @@ def specs_from_config(config: FilterChainConfig) -> list[dict[str, Any]]:
     for spec in getattr(config, "filters", None) or []:
         specs.append(normalize_spec(spec, config.score, taken))
     return specs
+
+
+def similarity_top(specs: list[dict[str, Any]]) -> int | None:
+    """How many first candidates the pseudo_relevance filters compare with (the largest `top`;
+    None without one): the candidates stage computes `top_similarity` for it."""
+    return max((int(spec["top"]) for spec in specs if spec["type"] == "pseudo_relevance"), default=None)
+
+
+def neighbour_depth(specs: list[dict[str, Any]]) -> int | None:
+    """How many nearest queries the neighbour_positive filters read (the largest `k`; None without one)."""
+    return max((int(spec["k"]) for spec in specs if spec["type"] == "neighbour_positive"), default=None)
 
 
 def reads_bm25(config: FilterChainConfig) -> bool:
@@ -376,6 +405,8 @@ class PUModel:
 
 
 LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, added by the lexical stage (stages/lexical.py)
+NEIGHBOUR_COLUMN = "neighbour_positive_ranks"  # per candidate, added by the filter stage (query_neighbours)
+TOP_SIMILARITY = "top_similarity"  # per candidate, from the candidates stage
 
 
 def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None,
@@ -397,6 +428,12 @@ def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str 
             if row.get(LEXICAL_COLUMN) is None:
                 continue  # no positive texts to compare with (the rerank stage's pre-pass)
             decisions[undecided & _above_percentile(_floats(row[LEXICAL_COLUMN], len(decisions)), spec["value"])] = spec["name"]
+            continue
+        if spec["type"] == "neighbour_positive":
+            decisions[undecided & (_floats(row.get(NEIGHBOUR_COLUMN), len(decisions)) <= spec["k"])] = spec["name"]
+            continue
+        if spec["type"] == "pseudo_relevance":
+            decisions[undecided & _above_percentile(_floats(row.get(TOP_SIMILARITY), len(decisions)), spec["value"])] = spec["name"]
             continue
         if spec["type"] == "pu":
             model = (models or {}).get(spec["name"])
@@ -558,6 +595,11 @@ def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, models: dict[s
             if lexical is None:
                 continue
             drop = _batch_above_percentile(_flat_floats(lexical, view.counts), view.group, batch.num_rows, spec["value"])
+        elif spec["type"] == "neighbour_positive":
+            drop = _flat_floats(_list_column(batch, NEIGHBOUR_COLUMN), view.counts) <= spec["k"]
+        elif spec["type"] == "pseudo_relevance":
+            similarity = _flat_floats(_list_column(batch, TOP_SIMILARITY), view.counts)
+            drop = _batch_above_percentile(similarity, view.group, batch.num_rows, spec["value"])
         elif spec["type"] == "pu":
             model = (models or {}).get(spec["name"])
             if model is None or model.model is None:
@@ -579,15 +621,31 @@ def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, models: dict[s
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
+def neighbour_ranks(batch: pa.Table, neighbours: pa.Table) -> pa.ListArray:
+    """Per candidate, the rank of the nearest query of which it is a known positive (null: none
+    within the table's depth), by one join of the batch's (query, candidate) pairs with the table."""
+    ids = _list_column(batch, "candidate_ids")
+    parents = pc.list_parent_indices(ids)
+    pairs = pa.table({"at": pa.array(np.arange(len(parents), dtype=np.int64)),
+                      "query_id": batch.column("query_id").combine_chunks().take(parents),
+                      "doc_id": pc.list_flatten(ids)})
+    found = pairs.join(neighbours, ["query_id", "doc_id"], join_type="inner", use_threads=False)
+    ranks = np.full(len(parents), np.nan)
+    ranks[found.column("at").to_numpy()] = found.column("rank").to_numpy()
+    return lists_like(ids, ranks, pa.float64())
+
+
 class FilterStage(MapStage):
     name = "filter"
     version = "3"
     in_process = True  # cheap per query: runs in the driver
 
     def __init__(self, specs: list[dict[str, Any]], batch_size: int = 1024, *, seed: int = 12,
-                 fit_input: Path | None = None, false_negatives: str = "drop", threads: int = 1) -> None:
+                 fit_input: Path | None = None, false_negatives: str = "drop", threads: int = 1,
+                 neighbours_dir: Path | None = None) -> None:
         super().__init__()
         self.specs = specs
+        self.neighbours_dir = str(neighbours_dir) if neighbours_dir else None  # the query_neighbours stage
         self.seed = seed
         self.fit_input = str(fit_input) if fit_input else None
         self.false_negatives = false_negatives
@@ -604,6 +662,13 @@ class FilterStage(MapStage):
 
     def setup(self) -> None:
         self._models = self.fit()
+        self._neighbours = None
+        if neighbour_depth(self.specs):
+            if self.neighbours_dir is None:
+                raise ValueError("a neighbour_positive filter needs the query_neighbours stage's table")
+            from hardneg.stages.query_neighbours import read_neighbours
+
+            self._neighbours = read_neighbours(Path(self.neighbours_dir))
 
     def fit(self) -> dict[str, PUModel]:
         """The `pu` filters' models, fitted on the whole input (every batch is then decided by the
@@ -633,6 +698,8 @@ class FilterStage(MapStage):
         relabel = self.false_negatives == "relabel"
         if LEXICAL_COLUMN not in batch.column_names and any(spec["type"] == "lexical_duplicate" for spec in self.specs):
             raise ValueError(f"a lexical_duplicate filter needs the {LEXICAL_COLUMN} column (the lexical stage)")
+        if self._neighbours is not None:
+            batch = batch.append_column(NEIGHBOUR_COLUMN, neighbour_ranks(batch, self._neighbours))
         decisions = decide_batch(batch, self.specs, models=self._models, relabel=relabel)
         if "ce_scores" not in batch.column_names:
             n = batch.num_rows

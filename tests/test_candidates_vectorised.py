@@ -156,6 +156,12 @@ class _PerQuery(CandidatesStage):
                 columns["bm25_ranks"].append(None)
                 columns["positive_bm25_scores"].append(None)
             columns["fused_ranks"].append(list(range(1, len(candidate_ids) + 1)))
+            top = self.similarity_top
+            if top:  # the cosine to the nearest of the first `top` candidates; none for those
+                nearest = vectors.cosines(cand_rows, cand_rows[:top]).max(axis=1).astype(np.float32).tolist()
+                columns["top_similarity"].append([None] * min(top, len(nearest)) + nearest[top:])
+            else:
+                columns["top_similarity"].append(None)
         out = batch.drop_columns(["embedding"])
         for name in schemas.CANDIDATES.names[len(schemas.QUERIES):]:
             out = out.append_column(name, pa.array(columns[name], type=schemas.CANDIDATES.field(name).type))
@@ -220,6 +226,7 @@ def queries(mined) -> pa.Table:
     {"miners": ["bm25"]},  # BM25 alone; dense scores kept beside
     {"miners": ["bm25", "dense"], "range_max": 3, "rrf_k": 1},  # shallow: many positives outside the search
     {"miners": ["dense"], "score_bm25": False, "bm25_dir": None},  # no BM25 at all: null columns
+    {"similarity_top": 3},  # each candidate's cosine to the first three (pseudo_relevance)
 ])
 def test_vectorised_candidates_equal_the_per_query_reference(mined, queries, kwargs):
     new, old = _both(mined / "work", queries, **kwargs)

@@ -122,3 +122,16 @@ def test_ingest_fingerprints_are_unchanged():
         "e5714a6ddc5696f57f26dd0cf6f12ce09ba3f099d893e755593ab7855ef3814a")
     assert stage.part_fingerprint("corpus") == "588108939601eca1fcb5d3e129233c941d169734fd8f871ba63a0e827455ad4d"
     assert stage.part_fingerprint("queries") is None
+
+
+def test_relation_filters_add_their_stage_and_column():
+    """`neighbour_positive` adds the query_neighbours stage (read by the filter); `pseudo_relevance`
+    asks the candidates stage for `top_similarity`. Without them neither is in the plan."""
+    filters = [{"type": "neighbour_positive", "k": 4}, {"type": "pseudo_relevance", "value": 90, "top": 5}]
+    config = MineConfig(beir=ROOT / "examples/cranfield", out="o", filters=filters)
+    nodes = {n.name: n for n in mine_plan(config, CPU)}
+    assert nodes["query_neighbours"].inputs == {"queries": "embed_queries"}
+    assert nodes["filter"].inputs == {"scored": "candidates", "neighbours": "query_neighbours"}
+    assert nodes["query_neighbours"].build({}).k == 4
+    plain = {n.name: n for n in mine_plan(MineConfig(beir=ROOT / "examples/cranfield", out="o"), CPU)}
+    assert "query_neighbours" not in plain and "neighbours" not in plain["filter"].inputs
