@@ -5,6 +5,7 @@ run of 30 Cranfield queries, batch path against row path."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from hardneg.stages.engines.faiss_index import IndexConfig
 from hardneg.stages.filters import NEIGHBOUR_COLUMN, decide, neighbour_ranks, normalize_spec
 from hardneg.stages.io import ShardWriter, read_table
 from hardneg.stages.query_neighbours import QueryNeighboursStage, read_neighbours
+from resilience import Run, assert_same_rows, mine_cmd
 
 
 def brute_force_neighbours(ids: list[str], positives: list[list[str]], vectors: np.ndarray, k: int) -> dict:
@@ -125,3 +127,21 @@ def test_query_neighbours_of_a_single_query_is_empty(tmp_path: Path):
     out.mkdir()
     QueryNeighboursStage(2, IndexConfig()).run({"queries": queries}, out)
     assert read_neighbours(out).num_rows == 0
+
+
+@pytest.mark.slow
+def test_local_and_ray_runs_with_both_filters_write_the_same_rows(small_beir, tmp_path):
+    """The query_neighbours stage and the two filters give the same rows on local Ray as in
+    process (the neighbour table is one global stage; the filter runs in the driver)."""
+    config = tmp_path / "filters.yaml"
+    config.write_text("filters:\n  - {type: lexical_duplicate, value: 55}\n  - {type: neighbour_positive, k: 3}\n"
+                      "  - {type: pseudo_relevance, value: 90}\n")
+    outs = {}
+    for runner in ("local", "ray"):
+        outs[runner] = tmp_path / runner
+        extra = ["--runner", runner, "--config", str(config)] + (["--set", "workers=1"] if runner == "ray" else [])
+        run = Run(mine_cmd(small_beir, outs[runner], tmp_path / f"work-{runner}", *extra), tmp_path, runner)
+        assert run.wait(600) == 0, run.stderr[-3000:]
+    assert_same_rows(outs["ray"], outs["local"])
+    decisions = json.loads((outs["ray"] / "stats.json").read_text())["decisions"]
+    assert decisions.get("neighbour_positive", 0) > 0 and decisions.get("pseudo_relevance", 0) > 0, decisions
