@@ -71,4 +71,4 @@ def test_defaults_meet_the_false_negative_bars_on_cranfield_and_cacm(warm_work_d
         for key in ("false_negatives", "negatives", "mean_rank", "ratio"):
             assert simulated[f"{collection} A"][key] == pytest.approx(mined[key]), (collection, key)
     settings = [m for signal in signals["signals"].values() for m in signal["settings"].values()]
-    assert settings and all(m["C"] >= 0 for m in settings)
+    assert settings and len(signals["unions"]) == 8 and all(m["C"] >= 0 for m in settings + list(signals["unions"].values()))
