@@ -248,25 +248,28 @@ def _rank_share(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def residual_auc(c: Collection, feature: Callable[[dict], np.ndarray]) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    scores, relevant = [], []
+def residual(c: Collection):
+    """(row, candidate positions, which are judged relevant) per half-A query: the candidates the
+    defaults keep at fused rank <= RESIDUAL_DEPTH, where the false negatives still to catch are."""
     for r in c.rows:
-        if r["query_id"] not in c.half_a:
-            continue
-        x = _rank_share(feature(r))
-        for i in np.flatnonzero((np.asarray(r["decisions"]) == "kept") & (np.asarray(r["fused_ranks"]) <= RESIDUAL_DEPTH)):
-            scores.append(x[i])
-            relevant.append(r["candidate_ids"][i] in c.qrels[r["query_id"]])
-    return float(roc_auc_score(relevant, scores)) if 0 < sum(relevant) < len(relevant) else None
+        if r["query_id"] in c.half_a:
+            at = np.flatnonzero((np.asarray(r["decisions"]) == "kept") & (np.asarray(r["fused_ranks"]) <= RESIDUAL_DEPTH))
+            yield r, at, np.array([r["candidate_ids"][i] in c.qrels[r["query_id"]] for i in at], dtype=bool)
 
 
 def residual_counts(c: Collection) -> tuple[int, int]:
-    """(judged-relevant, all) among the candidates the defaults keep at fused rank <= RESIDUAL_DEPTH, half A."""
-    found = [(r["candidate_ids"][i] in c.qrels[r["query_id"]]) for r in c.rows if r["query_id"] in c.half_a
-             for i in np.flatnonzero((np.asarray(r["decisions"]) == "kept") & (np.asarray(r["fused_ranks"]) <= RESIDUAL_DEPTH))]
-    return sum(found), len(found)
+    """(judged-relevant, all) of the residual candidates."""
+    counts = [(int(relevant.sum()), len(relevant)) for _, _, relevant in residual(c)]
+    return sum(n for n, _ in counts), sum(m for _, m in counts)
+
+
+def residual_auc(c: Collection, feature: Callable[[dict], np.ndarray]) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    parts = [(_rank_share(feature(r))[at], relevant) for r, at, relevant in residual(c)]
+    scores = np.concatenate([x for x, _ in parts] + [np.zeros(0)])
+    relevant = np.concatenate([y for _, y in parts] + [np.zeros(0, bool)])
+    return float(roc_auc_score(relevant, scores)) if 0 < relevant.sum() < len(relevant) else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

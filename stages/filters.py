@@ -407,6 +407,9 @@ class PUModel:
 LEXICAL_COLUMN = "positive_lexical_scores"  # per candidate, added by the lexical stage (stages/lexical.py)
 NEIGHBOUR_COLUMN = "neighbour_positive_ranks"  # per candidate, added by the filter stage (query_neighbours)
 TOP_SIMILARITY = "top_similarity"  # per candidate, from the candidates stage
+# Filters that drop above a per-query percentile of a column another stage added; without that
+# column (the rerank stage's pre-pass) they decide nothing.
+PERCENTILE_COLUMNS = {"lexical_duplicate": LEXICAL_COLUMN, "pseudo_relevance": TOP_SIMILARITY}
 
 
 def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str | None = None,
@@ -424,16 +427,13 @@ def decide(row: dict[str, Any], specs: list[dict[str, Any]], *, skip_score: str 
         undecided = decisions == KEPT
         if not undecided.any():
             break
-        if spec["type"] == "lexical_duplicate":
-            if row.get(LEXICAL_COLUMN) is None:
-                continue  # no positive texts to compare with (the rerank stage's pre-pass)
-            decisions[undecided & _above_percentile(_floats(row[LEXICAL_COLUMN], len(decisions)), spec["value"])] = spec["name"]
+        if spec["type"] in PERCENTILE_COLUMNS:
+            values = row.get(PERCENTILE_COLUMNS[spec["type"]])
+            if values is not None:
+                decisions[undecided & _above_percentile(_floats(values, len(decisions)), spec["value"])] = spec["name"]
             continue
         if spec["type"] == "neighbour_positive":
             decisions[undecided & (_floats(row.get(NEIGHBOUR_COLUMN), len(decisions)) <= spec["k"])] = spec["name"]
-            continue
-        if spec["type"] == "pseudo_relevance":
-            decisions[undecided & _above_percentile(_floats(row.get(TOP_SIMILARITY), len(decisions)), spec["value"])] = spec["name"]
             continue
         if spec["type"] == "pu":
             model = (models or {}).get(spec["name"])
@@ -581,8 +581,8 @@ def _pu_probabilities(batch: pa.Table, model: PUModel) -> np.ndarray:
 def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, models: dict[str, PUModel] | None = None,
                  relabel: bool = False, skip_score: str | None = None) -> pa.Array:
     """`decide` for every row of a batch: a list<string> column, one decision per candidate.
-    `skip_score` leaves out the filters reading that score, as in `decide`; a lexical_duplicate
-    filter decides nothing in a batch without the lexical stage's column, as in `decide`."""
+    `skip_score` leaves out the filters reading that score, as in `decide`; a PERCENTILE_COLUMNS
+    filter decides nothing in a batch without its column, as in `decide`."""
     view = BatchView.from_batch(batch)
     names = [KEPT]
     codes = np.zeros(len(view.ranks), dtype=np.int64)
@@ -590,16 +590,13 @@ def decide_batch(batch: pa.Table, specs: list[dict[str, Any]], *, models: dict[s
         if skip_score is not None and spec.get("score") == skip_score:
             continue
         undecided = codes == 0
-        if spec["type"] == "lexical_duplicate":
-            lexical = _list_column(batch, LEXICAL_COLUMN)
-            if lexical is None:
+        if spec["type"] in PERCENTILE_COLUMNS:
+            values = _list_column(batch, PERCENTILE_COLUMNS[spec["type"]])
+            if values is None:
                 continue
-            drop = _batch_above_percentile(_flat_floats(lexical, view.counts), view.group, batch.num_rows, spec["value"])
+            drop = _batch_above_percentile(_flat_floats(values, view.counts), view.group, batch.num_rows, spec["value"])
         elif spec["type"] == "neighbour_positive":
             drop = _flat_floats(_list_column(batch, NEIGHBOUR_COLUMN), view.counts) <= spec["k"]
-        elif spec["type"] == "pseudo_relevance":
-            similarity = _flat_floats(_list_column(batch, TOP_SIMILARITY), view.counts)
-            drop = _batch_above_percentile(similarity, view.group, batch.num_rows, spec["value"])
         elif spec["type"] == "pu":
             model = (models or {}).get(spec["name"])
             if model is None or model.model is None:

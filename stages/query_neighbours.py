@@ -100,4 +100,4 @@ def read_neighbours(directory: Path) -> pa.Table:
     """The stage's table, whole (a few rows per query)."""
     from hardneg.stages.io import read_table
 
-    return read_table(Path(directory) / "neighbours", SCHEMA).cast(SCHEMA)
+    return read_table(Path(directory) / "neighbours", SCHEMA)
